@@ -1,0 +1,168 @@
+//! Prometheus metrics, all defined here. Names follow Prometheus conventions
+//! (`warden_` prefix, base units, `_total` counters); labels are bounded:
+//! the model label only ever holds configured model names, never a key, user
+//! or anything the caller typed.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of a finished request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    model: String,
+    status: String,
+    reason: String,
+}
+
+/// Labels naming a model.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    model: String,
+}
+
+/// Labels of a configuration reload.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    result: String,
+}
+
+type HistogramFamily = Family<ModelLabels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 100 µs to ~52 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 20))
+}
+
+/// Every metric Warden exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: HistogramFamily,
+    upstream_duration: HistogramFamily,
+    in_flight: Gauge,
+    connections: Gauge,
+    reloads: Family<ReloadLabels, Counter>,
+    last_reload_ok: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("warden");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests finished, by model, status and reject reason",
+            requests.clone(),
+        );
+        let request_duration: HistogramFamily = Family::new_with_constructor(latency_histogram);
+        registry.register_with_unit(
+            "request_duration",
+            "Time from arrival to the last byte sent",
+            prometheus_client::registry::Unit::Seconds,
+            request_duration.clone(),
+        );
+        let upstream_duration: HistogramFamily = Family::new_with_constructor(latency_histogram);
+        registry.register_with_unit(
+            "upstream_duration",
+            "Time from sending upstream to the response head",
+            prometheus_client::registry::Unit::Seconds,
+            upstream_duration.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register("requests_in_flight", "Requests being served", in_flight.clone());
+        let connections = Gauge::default();
+        registry.register("connections_open", "Open client connections", connections.clone());
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register("config_reloads", "Configuration reloads, by result", reloads.clone());
+        let last_reload_ok = Gauge::default();
+        last_reload_ok.set(1);
+        registry.register(
+            "config_last_reload_successful",
+            "1 if the last configuration reload succeeded, 0 if the old one is still serving",
+            last_reload_ok.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            request_duration,
+            upstream_duration,
+            in_flight,
+            connections,
+            reloads,
+            last_reload_ok,
+        }
+    }
+
+    /// A request has started.
+    pub fn start_request(&self) {
+        self.in_flight.inc();
+    }
+
+    /// A request has finished: the counterpart of [`Metrics::start_request`].
+    pub fn finish_request(
+        &self,
+        model: Option<&str>,
+        status: u16,
+        reason: &str,
+        latency: Duration,
+        upstream: Option<Duration>,
+    ) {
+        self.in_flight.dec();
+        let model = model.unwrap_or("").to_owned();
+        self.requests
+            .get_or_create(&RequestLabels {
+                model: model.clone(),
+                status: status.to_string(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+        let labels = ModelLabels { model };
+        self.request_duration
+            .get_or_create(&labels)
+            .observe(latency.as_secs_f64());
+        if let Some(upstream) = upstream {
+            self.upstream_duration
+                .get_or_create(&labels)
+                .observe(upstream.as_secs_f64());
+        }
+    }
+
+    /// A client connection opened (`+1`) or closed (`-1`).
+    pub fn connection(&self, delta: i64) {
+        self.connections.inc_by(delta);
+    }
+
+    /// Records a configuration reload's result.
+    pub fn reload(&self, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.reloads
+            .get_or_create(&ReloadLabels {
+                result: result.to_owned(),
+            })
+            .inc();
+        self.last_reload_ok.set(i64::from(ok));
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            tracing::error!("metrics could not be encoded");
+        }
+        out
+    }
+}

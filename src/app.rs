@@ -1,0 +1,234 @@
+//! Starting and stopping the whole gateway: binding the public and admin
+//! listeners, reloading on SIGHUP, draining on SIGTERM/SIGINT, and the
+//! `warden demo` setup with its embedded upstreams.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::Config;
+use crate::gateway::{Gateway, Runtime};
+use crate::server::{self, ListenerOptions};
+
+/// A gateway whose listeners are running.
+#[derive(Debug)]
+pub struct Running {
+    /// The gateway.
+    pub gateway: Arc<Gateway>,
+    /// Where the public listener is bound.
+    pub address: SocketAddr,
+    /// Where the admin listener is bound.
+    pub admin_address: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    listeners: JoinSet<()>,
+}
+
+/// Builds the runtime for `config` and starts both listeners. `config_path`
+/// is where reloads read from.
+pub async fn start(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<Running> {
+    let public = TcpListener::bind(config.listen.address)
+        .await
+        .with_context(|| format!("cannot bind the listener on {}", config.listen.address))?;
+    let admin = TcpListener::bind(config.admin_address)
+        .await
+        .with_context(|| format!("cannot bind the admin listener on {}", config.admin_address))?;
+    let options = ListenerOptions {
+        tls: config.listen.tls.clone(),
+        limits: config.listen.limits.clone(),
+        shutdown_grace: config.listen.shutdown_grace,
+    };
+    let gateway = Arc::new(Gateway::new(Runtime::build(config, None).await?, config_path));
+    let (shutdown, signal) = watch::channel(false);
+    let address = public.local_addr()?;
+    let admin_address = admin.local_addr()?;
+
+    let mut listeners = JoinSet::new();
+    let g = Arc::clone(&gateway);
+    listeners.spawn(server::serve(
+        public,
+        options.clone(),
+        Some(Arc::clone(&gateway.metrics)),
+        move |req, peer| crate::pipeline::handle(Arc::clone(&g), req, peer),
+        signal.clone(),
+    ));
+    let g = Arc::clone(&gateway);
+    listeners.spawn(server::serve(
+        admin,
+        ListenerOptions { tls: None, ..options },
+        None,
+        move |req, _peer| {
+            let response = crate::admin::handle(&g, &req);
+            async move { response }
+        },
+        signal,
+    ));
+    tracing::info!(%address, tls = gateway.runtime().config.listen.tls.is_some(), "listening");
+    tracing::info!(address = %admin_address, "admin listening");
+    Ok(Running {
+        gateway,
+        address,
+        admin_address,
+        shutdown,
+        listeners,
+    })
+}
+
+impl Running {
+    /// Starts draining: listeners stop accepting and in-flight requests get
+    /// the grace period to finish.
+    pub fn shutdown(&self) {
+        self.gateway.start_draining();
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Waits for both listeners to finish draining, then for every audit
+    /// record to reach the disk.
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        while self.listeners.join_next().await.is_some() {}
+        self.gateway
+            .runtime()
+            .audit
+            .sync()
+            .await
+            .context("audit log could not be synced")?;
+        Ok(())
+    }
+
+    /// Runs until SIGTERM or SIGINT, reloading the configuration on SIGHUP.
+    pub async fn run_until_signal(self) -> anyhow::Result<()> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangup = signal(SignalKind::hangup())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        loop {
+            tokio::select! {
+                _ = hangup.recv() => {
+                    // Errors are logged and counted by `reload`; the old
+                    // configuration keeps serving.
+                    let _ = self.gateway.reload().await;
+                }
+                _ = terminate.recv() => break,
+                _ = interrupt.recv() => break,
+            }
+        }
+        tracing::info!("shutting down: draining in-flight requests");
+        self.shutdown();
+        self.wait().await?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// The embedded demo configuration.
+pub const DEMO_CONFIG: &str = include_str!("../examples/demo.yaml");
+
+/// The demo's published API keys: (tenant, key).
+pub const DEMO_KEYS: [(&str, &str); 2] = [
+    ("acme", "wdn_demo_acme_7Hq2mX9vLk4pR8sT"),
+    ("globex", "wdn_demo_globex_3Nf6yW1cZb5dJ0gU"),
+];
+
+/// Where the demo binds.
+#[derive(Debug, Clone)]
+pub struct DemoAddresses {
+    /// Public gateway listener.
+    pub gateway: SocketAddr,
+    /// Admin listener.
+    pub admin: SocketAddr,
+    /// Chat simulator.
+    pub chat: SocketAddr,
+    /// Fraud-scoring model.
+    pub fraud: SocketAddr,
+}
+
+impl Default for DemoAddresses {
+    fn default() -> Self {
+        let at = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        DemoAddresses {
+            gateway: at(8080),
+            admin: at(9090),
+            chat: at(8081),
+            fraud: at(8082),
+        }
+    }
+}
+
+/// Starts the demo upstreams and a gateway in front of them, with the
+/// audit log in `audit_dir`.
+pub async fn start_demo(addresses: &DemoAddresses, audit_dir: &Path) -> anyhow::Result<(Running, DemoAddresses)> {
+    let chat = TcpListener::bind(addresses.chat)
+        .await
+        .with_context(|| format!("cannot bind the chat simulator on {}", addresses.chat))?;
+    let fraud = TcpListener::bind(addresses.fraud)
+        .await
+        .with_context(|| format!("cannot bind the fraud model on {}", addresses.fraud))?;
+    let bound = DemoAddresses {
+        gateway: addresses.gateway,
+        admin: addresses.admin,
+        chat: chat.local_addr()?,
+        fraud: fraud.local_addr()?,
+    };
+    tokio::spawn(crate::demo::serve_chat_simulator(chat));
+    tokio::spawn(crate::demo::serve_fraud_model(fraud));
+
+    let yaml = DEMO_CONFIG
+        .replace("http://127.0.0.1:8081", &format!("http://{}", bound.chat))
+        .replace("http://127.0.0.1:8082", &format!("http://{}", bound.fraud));
+    let mut config = Config::parse(&yaml, audit_dir).map_err(|e| anyhow::anyhow!("embedded demo config: {e}"))?;
+    config.listen.address = addresses.gateway;
+    config.admin_address = addresses.admin;
+    let running = start(config, None).await?;
+    let bound = DemoAddresses {
+        gateway: running.address,
+        admin: running.admin_address,
+        ..bound
+    };
+    Ok((running, bound))
+}
+
+/// What `warden demo` prints: keys and ready-to-paste commands.
+pub fn demo_banner(addresses: &DemoAddresses, audit_file: &Path) -> String {
+    let gw = addresses.gateway;
+    let [(_, acme), (_, globex)] = DEMO_KEYS;
+    format!(
+        r#"
+Warden demo is running.
+  gateway      http://{gw}
+  admin        http://{admin}/metrics
+  upstreams    chat simulator http://{chat}, fraud model http://{fraud}
+  audit log    {audit}
+
+Demo API keys (published, loopback only):
+  tenant acme    {acme}   may call demo-chat and fraud-scorer
+  tenant globex  {globex}   may call demo-chat only
+
+Try these:
+
+# 1. An allowed chat completion (200)
+curl -s http://{gw}/v1/chat/completions -H 'Authorization: Bearer {acme}' -H 'Content-Type: application/json' -d '{{"model":"demo-chat","messages":[{{"role":"user","content":"Hello Warden"}}]}}'
+
+# 2. A streamed chat completion (200, server-sent events)
+curl -sN http://{gw}/v1/chat/completions -H 'Authorization: Bearer {acme}' -H 'Content-Type: application/json' -d '{{"model":"demo-chat","stream":true,"stream_options":{{"include_usage":true}},"messages":[{{"role":"user","content":"Stream this please"}}]}}'
+
+# 3. No API key (401)
+curl -s -i http://{gw}/v1/chat/completions -H 'Content-Type: application/json' -d '{{"model":"demo-chat","messages":[{{"role":"user","content":"hi"}}]}}'
+
+# 4. globex may not call the fraud model (403)
+curl -s -i http://{gw}/v2/models/fraud-scorer/infer -H 'Authorization: Bearer {globex}' -H 'Content-Type: application/json' -d '{{"inputs":[{{"name":"amount","shape":[1],"datatype":"FP64","data":[25.0]}},{{"name":"merchant_id","shape":[1],"datatype":"BYTES","data":["m-1"]}},{{"name":"country","shape":[1],"datatype":"BYTES","data":["US"]}},{{"name":"hour","shape":[1],"datatype":"INT32","data":[14]}},{{"name":"card_present","shape":[1],"datatype":"BOOL","data":[true]}}]}}'
+
+# 5. acme scores two transactions (200)
+curl -s http://{gw}/v2/models/fraud-scorer/infer -H 'Authorization: Bearer {acme}' -H 'Content-Type: application/json' -d '{{"inputs":[{{"name":"amount","shape":[2],"datatype":"FP64","data":[25.0,4000.0]}},{{"name":"merchant_id","shape":[2],"datatype":"BYTES","data":["m-1","m-77"]}},{{"name":"country","shape":[2],"datatype":"BYTES","data":["US","BR"]}},{{"name":"hour","shape":[2],"datatype":"INT32","data":[14,3]}},{{"name":"card_present","shape":[2],"datatype":"BOOL","data":[true,false]}}]}}'
+
+Press Ctrl-C to stop.
+"#,
+        admin = addresses.admin,
+        chat = addresses.chat,
+        fraud = addresses.fraud,
+        audit = audit_file.display(),
+    )
+}

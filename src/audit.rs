@@ -1,0 +1,207 @@
+//! The inference audit log: one JSON line per request, allowed and rejected
+//! alike, appended to a file. Records are handed to a single writer task
+//! through an unbounded channel so that no request ever waits on the disk and
+//! no record is dropped; the writer flushes whenever it has drained the queue,
+//! and [`AuditLog::sync`] waits until everything queued is on disk (used at
+//! shutdown).
+//!
+//! The record never holds a credential: only the key id, and SHA-256 digests
+//! of the request and response bodies as they were sent.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::reject::Fault;
+
+/// Record format version, bumped on any incompatible change.
+pub const RECORD_VERSION: u32 = 1;
+
+/// One request's audit record.
+#[derive(Debug, Serialize)]
+pub struct AuditRecord<'a> {
+    /// Record format version.
+    pub v: u32,
+    /// When the request arrived, RFC 3339 UTC.
+    pub time: String,
+    /// `x-request-id`, accepted from the client or generated.
+    pub request_id: &'a str,
+    /// Authenticated principal, absent when authentication failed.
+    pub principal: Option<&'a str>,
+    /// `api_key`, `anonymous`, or absent when authentication failed.
+    pub auth_method: Option<&'a str>,
+    /// Id of the credential used: never the credential itself.
+    pub key_id: Option<&'a str>,
+    /// Tenant the caller acts for.
+    pub tenant: Option<&'a str>,
+    /// Address of the TCP peer.
+    pub client_ip: String,
+    /// `User-Agent`, as sent.
+    pub user_agent: Option<&'a str>,
+    /// HTTP method.
+    pub method: &'a str,
+    /// Request path (no query string).
+    pub path: &'a str,
+    /// Model endpoint name, once known.
+    pub model: Option<&'a str>,
+    /// Upstream name, once routed.
+    pub upstream: Option<&'a str>,
+    /// `openai` or `oip_v2`.
+    pub protocol: &'a str,
+    /// Whether the client asked for a streamed response.
+    pub stream: bool,
+    /// HTTP status sent to the client.
+    pub status: u16,
+    /// How the response ended: `completed`, `client_disconnected`,
+    /// `upstream_error` or `upstream_idle_timeout`.
+    pub outcome: &'a str,
+    /// Machine-readable reason when Warden refused or failed the request.
+    pub reject_reason: Option<&'a str>,
+    /// Who caused the failure, when there was one.
+    pub fault: Option<Fault>,
+    /// Status the upstream answered with.
+    pub upstream_status: Option<u16>,
+    /// From arrival to the last byte sent, in milliseconds.
+    pub latency_ms: f64,
+    /// From sending upstream to the response head, in milliseconds.
+    pub upstream_latency_ms: Option<f64>,
+    /// Lowercase hex SHA-256 of the request body as received.
+    pub request_sha256: Option<&'a str>,
+    /// Request body length.
+    pub request_bytes: u64,
+    /// Lowercase hex SHA-256 of the response body bytes sent to the client.
+    pub response_sha256: String,
+    /// Response body length sent.
+    pub response_bytes: u64,
+    /// Token usage reported by the upstream, when present.
+    pub usage: Option<Usage>,
+}
+
+/// Token usage as the upstream reported it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Usage {
+    /// Input tokens.
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    /// Output tokens.
+    #[serde(default)]
+    pub completion_tokens: u64,
+    /// Both.
+    #[serde(default)]
+    pub total_tokens: u64,
+}
+
+impl Usage {
+    /// Reads `usage` from an OpenAI-style response object, if present.
+    pub fn from_response(value: &serde_json::Value) -> Option<Usage> {
+        value
+            .get("usage")
+            .filter(|u| u.is_object())
+            .and_then(|u| serde_json::from_value(u.clone()).ok())
+    }
+}
+
+/// Appends audit records to a file through one writer task.
+#[derive(Debug)]
+pub struct AuditLog {
+    path: PathBuf,
+    sender: mpsc::UnboundedSender<Message>,
+}
+
+#[derive(Debug)]
+enum Message {
+    Record(Vec<u8>),
+    /// Flush and fsync everything queued before this, then answer.
+    Sync(oneshot::Sender<io::Result<()>>),
+}
+
+/// Why the audit log could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open audit log `{path}`: {source}")]
+pub struct AuditOpenError {
+    path: String,
+    source: io::Error,
+}
+
+impl AuditLog {
+    /// Opens (creating if needed) the file and starts the writer task.
+    pub async fn open(path: &Path) -> Result<AuditLog, AuditOpenError> {
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .await
+            .map_err(|source| AuditOpenError {
+                path: path.display().to_string(),
+                source,
+            })?;
+        let (sender, receiver) = mpsc::unbounded_channel();
+        tokio::spawn(write_records(file, receiver));
+        Ok(AuditLog {
+            path: path.to_path_buf(),
+            sender,
+        })
+    }
+
+    /// The file written to.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Queues one record. Never blocks on the disk.
+    pub fn write(&self, record: &AuditRecord<'_>) {
+        let mut line = match serde_json::to_vec(record) {
+            Ok(line) => line,
+            Err(e) => {
+                tracing::error!(error = %e, "audit record could not be serialized");
+                return;
+            }
+        };
+        line.push(b'\n');
+        if self.sender.send(Message::Record(line)).is_err() {
+            tracing::error!(request_id = record.request_id, "audit writer has stopped: record lost");
+        }
+    }
+
+    /// Waits until every record queued so far is written and fsynced.
+    pub async fn sync(&self) -> io::Result<()> {
+        let (done, wait) = oneshot::channel();
+        self.sender
+            .send(Message::Sync(done))
+            .map_err(|_| io::Error::other("audit writer has stopped"))?;
+        wait.await.map_err(|_| io::Error::other("audit writer has stopped"))?
+    }
+}
+
+async fn write_records(file: tokio::fs::File, mut receiver: mpsc::UnboundedReceiver<Message>) {
+    let mut out = tokio::io::BufWriter::with_capacity(256 * 1024, file);
+    let mut batch = Vec::with_capacity(256);
+    while receiver.recv_many(&mut batch, 256).await > 0 {
+        for message in batch.drain(..) {
+            match message {
+                Message::Record(line) => {
+                    if let Err(e) = out.write_all(&line).await {
+                        tracing::error!(error = %e, "audit log write failed");
+                    }
+                }
+                Message::Sync(done) => {
+                    let result = match out.flush().await {
+                        Ok(()) => out.get_ref().sync_data().await,
+                        Err(e) => Err(e),
+                    };
+                    let _ = done.send(result);
+                }
+            }
+        }
+        // Flush as soon as the queue is empty: records reach the file within
+        // one batch of being queued, however light the traffic.
+        if receiver.is_empty()
+            && let Err(e) = out.flush().await
+        {
+            tracing::error!(error = %e, "audit log flush failed");
+        }
+    }
+}

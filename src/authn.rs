@@ -1,0 +1,219 @@
+//! Stage 1, authenticate: who is calling. This stage knows API keys; it reads
+//! the key from `Authorization: Bearer` or `x-api-key`, hashes it and finds
+//! the configured key with that SHA-256 in constant time.
+//!
+//! Keys are indexed by the first 8 bytes of their digest so the lookup does not
+//! scan every key; the full 32-byte digest is then compared with
+//! `subtle::ConstantTimeEq`. The index lookup can only reveal whether a key
+//! exists whose digest shares a prefix with the digest of the guess, which
+//! says nothing about any key.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::HeaderMap;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::{ApiKey, ModelGrant};
+use crate::reject::Reject;
+
+/// How a caller proved who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    /// A configured API key.
+    ApiKey,
+    /// No credential, on a route configured to allow that.
+    Anonymous,
+}
+
+impl AuthMethod {
+    /// The name recorded in the audit log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::ApiKey => "api_key",
+            AuthMethod::Anonymous => "anonymous",
+        }
+    }
+}
+
+/// The authenticated caller, the same shape whatever the method.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// How they authenticated.
+    pub method: AuthMethod,
+    /// The key they used, when they used one.
+    pub key: Option<Arc<ApiKey>>,
+}
+
+impl Identity {
+    /// An unauthenticated caller on a route that allows it.
+    pub fn anonymous() -> Identity {
+        Identity {
+            method: AuthMethod::Anonymous,
+            key: None,
+        }
+    }
+
+    /// Who the caller is.
+    pub fn principal(&self) -> &str {
+        self.key.as_ref().map_or("anonymous", |k| k.principal.as_str())
+    }
+
+    /// The credential id, safe to log.
+    pub fn credential_id(&self) -> Option<&str> {
+        self.key.as_ref().map(|k| k.id.as_str())
+    }
+
+    /// The tenant the caller acts for.
+    pub fn tenant(&self) -> Option<&str> {
+        self.key.as_ref().map(|k| k.tenant.as_str())
+    }
+
+    /// The models the caller may call; an anonymous caller may call none.
+    pub fn models(&self) -> Option<&ModelGrant> {
+        self.key.as_ref().map(|k| &k.models)
+    }
+}
+
+/// The configured API keys, ready for lookup.
+#[derive(Debug, Default)]
+pub struct KeyIndex {
+    by_prefix: HashMap<[u8; 8], Vec<Arc<ApiKey>>>,
+}
+
+impl KeyIndex {
+    /// Indexes the configured keys.
+    pub fn new(keys: &[ApiKey]) -> KeyIndex {
+        let mut by_prefix: HashMap<[u8; 8], Vec<Arc<ApiKey>>> = HashMap::new();
+        for key in keys {
+            by_prefix
+                .entry(prefix(&key.digest))
+                .or_default()
+                .push(Arc::new(key.clone()));
+        }
+        KeyIndex { by_prefix }
+    }
+
+    /// Authenticates a request by its headers.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Identity, Reject> {
+        let presented = presented_key(headers)?;
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let candidates = self.by_prefix.get(&prefix(&digest)).map_or(&[][..], Vec::as_slice);
+        let mut found = None;
+        // INVARIANT: every candidate is compared, so the time taken does not
+        // depend on which one matched.
+        for key in candidates {
+            if bool::from(key.digest.ct_eq(&digest)) {
+                found = Some(key);
+            }
+        }
+        match found {
+            Some(key) => Ok(Identity {
+                method: AuthMethod::ApiKey,
+                key: Some(Arc::clone(key)),
+            }),
+            None => Err(Reject::InvalidCredential),
+        }
+    }
+}
+
+/// Whether the request carries any credential header at all.
+pub fn has_credential(headers: &HeaderMap) -> bool {
+    headers.contains_key(http::header::AUTHORIZATION) || headers.contains_key("x-api-key")
+}
+
+fn prefix(digest: &[u8; 32]) -> [u8; 8] {
+    let mut p = [0u8; 8];
+    p.copy_from_slice(&digest[..8]);
+    p
+}
+
+/// The key the request presents, from `Authorization: Bearer` or `x-api-key`.
+fn presented_key(headers: &HeaderMap) -> Result<&str, Reject> {
+    let bearer = match headers.get(http::header::AUTHORIZATION) {
+        None => None,
+        Some(value) => {
+            let text = value.to_str().map_err(|_| Reject::InvalidCredential)?;
+            let (scheme, token) = text.split_once(' ').ok_or(Reject::InvalidCredential)?;
+            if !scheme.eq_ignore_ascii_case("bearer") {
+                return Err(Reject::InvalidCredential);
+            }
+            Some(token.trim())
+        }
+    };
+    let api_key = match headers.get("x-api-key") {
+        None => None,
+        Some(value) => Some(value.to_str().map_err(|_| Reject::InvalidCredential)?.trim()),
+    };
+    let key = match (bearer, api_key) {
+        (Some(a), Some(b)) if a.as_bytes().ct_eq(b.as_bytes()).into() => a,
+        (Some(_), Some(_)) => return Err(Reject::ConflictingCredentials),
+        (Some(k), None) | (None, Some(k)) => k,
+        (None, None) => return Err(Reject::MissingCredential),
+    };
+    if key.is_empty() {
+        return Err(Reject::MissingCredential);
+    }
+    Ok(key)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    fn key(id: &str, secret: &str) -> ApiKey {
+        ApiKey {
+            id: id.into(),
+            digest: Sha256::digest(secret.as_bytes()).into(),
+            principal: format!("{id}@example"),
+            tenant: "t".into(),
+            tier: None,
+            models: ModelGrant::Only(HashSet::from(["m".to_owned()])),
+        }
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn table_of_credentials() {
+        let index = KeyIndex::new(&[key("a", "secret-a"), key("b", "secret-b")]);
+        type Case<'a> = (&'a [(&'static str, &'a str)], Result<&'a str, Reject>);
+        let cases: &[Case] = &[
+            (&[("authorization", "Bearer secret-a")], Ok("a")),
+            (&[("authorization", "bearer secret-b")], Ok("b")),
+            (&[("x-api-key", "secret-b")], Ok("b")),
+            (
+                &[("authorization", "Bearer secret-a"), ("x-api-key", "secret-a")],
+                Ok("a"),
+            ),
+            (
+                &[("authorization", "Bearer secret-a"), ("x-api-key", "secret-b")],
+                Err(Reject::ConflictingCredentials),
+            ),
+            (&[], Err(Reject::MissingCredential)),
+            (&[("authorization", "Bearer ")], Err(Reject::MissingCredential)),
+            (
+                &[("authorization", "Basic c2VjcmV0LWE=")],
+                Err(Reject::InvalidCredential),
+            ),
+            (&[("authorization", "Bearer secret-c")], Err(Reject::InvalidCredential)),
+            (&[("authorization", "Bearer secret-a ")], Ok("a")),
+            (&[("x-api-key", "SECRET-A")], Err(Reject::InvalidCredential)),
+        ];
+        for (pairs, want) in cases {
+            let got = index
+                .authenticate(&headers(pairs))
+                .map(|i| i.credential_id().unwrap().to_owned());
+            assert_eq!(got.as_deref().map_err(Clone::clone), want.clone(), "headers {pairs:?}");
+        }
+    }
+}

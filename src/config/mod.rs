@@ -1,0 +1,754 @@
+//! Configuration: the YAML file is parsed into [`raw`] types, then checked and
+//! converted into the runtime types below, which cannot hold a wrong value.
+//! Every error is collected with its path so `warden check` can report them all
+//! at once. Secrets are read here, from environment variables or files, and are
+//! never written inline in the file.
+
+pub mod raw;
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Uri};
+use raw::{RawConfig, RawSecret, RawSize};
+
+/// Every error found in one configuration file.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// One configuration error and where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted path of the field, e.g. `models[2].upstream`.
+    pub path: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// The checked configuration the gateway runs on.
+#[derive(Debug)]
+pub struct Config {
+    /// The public listener.
+    pub listen: Listen,
+    /// The operations listener address.
+    pub admin_address: SocketAddr,
+    /// Audit log file.
+    pub audit_file: PathBuf,
+    /// Model endpoints by the name clients use.
+    pub models: HashMap<String, Arc<ModelEndpoint>>,
+    /// API keys.
+    pub api_keys: Vec<ApiKey>,
+}
+
+/// The public listener.
+#[derive(Debug)]
+pub struct Listen {
+    /// Address to bind.
+    pub address: SocketAddr,
+    /// TLS, when configured; ALPN offers h2 and http/1.1.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Connection and request limits.
+    pub limits: ListenLimits,
+    /// How long in-flight requests may run on after SIGTERM/SIGINT.
+    pub shutdown_grace: Duration,
+    /// Whether OIP v2 health routes are answered without a credential.
+    pub anonymous_health: bool,
+}
+
+/// Limits every request on the public listener is held to.
+#[derive(Debug, Clone)]
+pub struct ListenLimits {
+    /// Most open connections at once.
+    pub max_connections: usize,
+    /// Largest request head in bytes.
+    pub max_header_bytes: usize,
+    /// Most headers in one request.
+    pub max_headers: usize,
+    /// Time to receive the request head.
+    pub header_read_timeout: Duration,
+    /// Time to receive the whole body.
+    pub body_read_timeout: Duration,
+    /// Largest body on any route.
+    pub max_body_bytes: usize,
+    /// Deepest JSON nesting.
+    pub max_json_depth: usize,
+}
+
+/// The wire protocol of a model endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// OpenAI-compatible: `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`.
+    Openai,
+    /// Open Inference Protocol v2 (KServe, Triton, MLServer).
+    OipV2,
+}
+
+impl Protocol {
+    /// The name used in configuration and audit records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Openai => "openai",
+            Protocol::OipV2 => "oip_v2",
+        }
+    }
+}
+
+/// A model clients may call.
+#[derive(Debug)]
+pub struct ModelEndpoint {
+    /// Name clients use.
+    pub name: String,
+    /// Wire protocol.
+    pub protocol: Protocol,
+    /// Where it is served.
+    pub upstream: Arc<Upstream>,
+    /// Name the upstream knows it by.
+    pub upstream_model: String,
+    /// Largest request body for this model.
+    pub max_body_bytes: usize,
+}
+
+/// A model server.
+#[derive(Debug)]
+pub struct Upstream {
+    /// Name in configuration.
+    pub name: String,
+    /// `http` or `https`.
+    pub scheme: http::uri::Scheme,
+    /// Host and port.
+    pub authority: http::uri::Authority,
+    /// Path prefix prepended to every forwarded path, without a trailing `/`.
+    pub path_prefix: String,
+    /// Credential Warden presents to it.
+    pub credential: Option<UpstreamCredential>,
+    /// Time to connect.
+    pub connect_timeout: Duration,
+    /// Time to the response head.
+    pub first_byte_timeout: Duration,
+    /// Longest silence within a response body.
+    pub idle_timeout: Duration,
+    /// Largest non-streamed response body.
+    pub max_response_bytes: usize,
+}
+
+/// A header carrying Warden's own credential to an upstream.
+pub struct UpstreamCredential {
+    /// Header name.
+    pub header: HeaderName,
+    /// Header value, marked sensitive so HPACK never indexes it.
+    pub value: HeaderValue,
+}
+
+impl fmt::Debug for UpstreamCredential {
+    // INVARIANT: the credential never reaches a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "UpstreamCredential({}: [redacted])", self.header)
+    }
+}
+
+/// An API key, known only by its SHA-256.
+#[derive(Clone)]
+pub struct ApiKey {
+    /// Key id, safe to log.
+    pub id: String,
+    /// SHA-256 of the key.
+    pub digest: [u8; 32],
+    /// Who the key belongs to.
+    pub principal: String,
+    /// Tenant it acts for.
+    pub tenant: String,
+    /// Service tier.
+    pub tier: Option<String>,
+    /// Models it may call.
+    pub models: ModelGrant,
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKey")
+            .field("id", &self.id)
+            .field("principal", &self.principal)
+            .field("tenant", &self.tenant)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The models a credential may call.
+#[derive(Debug, Clone)]
+pub enum ModelGrant {
+    /// Every configured model.
+    All,
+    /// Only these.
+    Only(HashSet<String>),
+}
+
+impl ModelGrant {
+    /// Whether the grant covers `model`.
+    pub fn allows(&self, model: &str) -> bool {
+        match self {
+            ModelGrant::All => true,
+            ModelGrant::Only(set) => set.contains(model),
+        }
+    }
+}
+
+const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+const DEFAULT_MAX_HEADERS: usize = 100;
+const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+const DEFAULT_MAX_JSON_DEPTH: usize = 32;
+const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(60);
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const DEFAULT_MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+
+impl Config {
+    /// Reads, parses and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                path: path.display().to_string(),
+                message: format!("cannot read file: {e}"),
+            }])
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, base)
+    }
+
+    /// Parses and checks configuration text. Relative file paths in it are
+    /// resolved against `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigErrors> {
+        let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                path: "(yaml)".to_owned(),
+                message: e.to_string(),
+            }])
+        })?;
+        Config::from_raw(raw, base)
+    }
+
+    /// Checks raw configuration, collecting every error.
+    pub fn from_raw(raw: RawConfig, base: &Path) -> Result<Config, ConfigErrors> {
+        let mut errs = Errors::default();
+        let listen = check_listen(&raw.listen, base, &mut errs);
+        let admin_address = errs.socket_addr("admin.address", &raw.admin.address);
+        let audit_file = if raw.audit.file.trim().is_empty() {
+            errs.push("audit.file", "must name a file");
+            None
+        } else {
+            Some(resolve(base, &raw.audit.file))
+        };
+
+        let mut upstreams: HashMap<String, Arc<Upstream>> = HashMap::new();
+        for (i, u) in raw.upstreams.iter().enumerate() {
+            let path = format!("upstreams[{i}]");
+            if let Some(up) = check_upstream(u, &path, base, &mut errs)
+                && upstreams.insert(up.name.clone(), Arc::new(up)).is_some()
+            {
+                errs.push(&format!("{path}.name"), format!("duplicate upstream `{}`", u.name));
+            }
+        }
+
+        // Names declared in the file, valid or not: a reference to a declared
+        // but broken entry is not reported again, so every error shows once.
+        let declared_upstreams: HashSet<&str> = raw.upstreams.iter().map(|u| u.name.as_str()).collect();
+        let declared_models: HashSet<&str> = raw.models.iter().map(|m| m.name.as_str()).collect();
+
+        let max_body_cap = listen
+            .as_ref()
+            .map_or(DEFAULT_MAX_BODY_BYTES, |l| l.limits.max_body_bytes);
+        let mut models = HashMap::new();
+        for (i, m) in raw.models.iter().enumerate() {
+            let path = format!("models[{i}]");
+            if let Some(model) = check_model(m, &path, &upstreams, &declared_upstreams, max_body_cap, &mut errs)
+                && models.insert(model.name.clone(), Arc::new(model)).is_some()
+            {
+                errs.push(&format!("{path}.name"), format!("duplicate model `{}`", m.name));
+            }
+        }
+
+        let mut api_keys = Vec::new();
+        let mut key_ids = HashSet::new();
+        let mut digests = HashSet::new();
+        for (i, k) in raw.api_keys.iter().enumerate() {
+            let path = format!("api_keys[{i}]");
+            if let Some(key) = check_api_key(k, &path, &declared_models, &mut errs) {
+                if !key_ids.insert(key.id.clone()) {
+                    errs.push(&format!("{path}.id"), format!("duplicate key id `{}`", key.id));
+                }
+                if !digests.insert(key.digest) {
+                    errs.push(&format!("{path}.sha256"), "the same key is declared twice");
+                }
+                api_keys.push(key);
+            }
+        }
+
+        match (listen, admin_address, audit_file) {
+            (Some(listen), Some(admin_address), Some(audit_file)) if errs.0.is_empty() => Ok(Config {
+                listen,
+                admin_address,
+                audit_file,
+                models,
+                api_keys,
+            }),
+            _ => Err(ConfigErrors(errs.0)),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Errors(Vec<ConfigError>);
+
+impl Errors {
+    fn push(&mut self, path: &str, message: impl Into<String>) {
+        self.0.push(ConfigError {
+            path: path.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    fn socket_addr(&mut self, path: &str, value: &str) -> Option<SocketAddr> {
+        match value.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.push(path, format!("`{value}` is not an `ip:port` address"));
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, path: &str, value: Option<&str>, default: Duration) -> Duration {
+        let Some(value) = value else { return default };
+        match humantime::parse_duration(value) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                self.push(path, "must be greater than zero");
+                default
+            }
+            Err(e) => {
+                self.push(
+                    path,
+                    format!("`{value}` is not a duration such as `10s` or `500ms`: {e}"),
+                );
+                default
+            }
+        }
+    }
+
+    fn size(&mut self, path: &str, value: Option<&RawSize>, default: usize) -> usize {
+        let Some(value) = value else { return default };
+        match parse_size(value) {
+            Ok(0) => {
+                self.push(path, "must be greater than zero");
+                default
+            }
+            Ok(n) => n,
+            Err(msg) => {
+                self.push(path, msg);
+                default
+            }
+        }
+    }
+
+    fn count(&mut self, path: &str, value: Option<usize>, default: usize) -> usize {
+        match value {
+            Some(0) => {
+                self.push(path, "must be greater than zero");
+                default
+            }
+            Some(n) => n,
+            None => default,
+        }
+    }
+}
+
+fn check_listen(raw: &raw::RawListen, base: &Path, errs: &mut Errors) -> Option<Listen> {
+    let address = errs.socket_addr("listen.address", &raw.address);
+    let tls = raw.tls.as_ref().and_then(|t| match load_tls(base, t) {
+        Ok(c) => Some(Arc::new(c)),
+        Err(msg) => {
+            errs.push("listen.tls", msg);
+            None
+        }
+    });
+    let limits = ListenLimits {
+        max_connections: errs.count("listen.max_connections", raw.max_connections, DEFAULT_MAX_CONNECTIONS),
+        max_header_bytes: errs.size(
+            "listen.max_header_bytes",
+            raw.max_header_bytes.as_ref(),
+            DEFAULT_MAX_HEADER_BYTES,
+        ),
+        max_headers: errs.count("listen.max_headers", raw.max_headers, DEFAULT_MAX_HEADERS),
+        header_read_timeout: errs.duration(
+            "listen.header_read_timeout",
+            raw.header_read_timeout.as_deref(),
+            DEFAULT_HEADER_READ_TIMEOUT,
+        ),
+        body_read_timeout: errs.duration(
+            "listen.body_read_timeout",
+            raw.body_read_timeout.as_deref(),
+            DEFAULT_BODY_READ_TIMEOUT,
+        ),
+        max_body_bytes: errs.size(
+            "listen.max_body_bytes",
+            raw.max_body_bytes.as_ref(),
+            DEFAULT_MAX_BODY_BYTES,
+        ),
+        max_json_depth: errs.count("listen.max_json_depth", raw.max_json_depth, DEFAULT_MAX_JSON_DEPTH),
+    };
+    // hyper cannot read a request head smaller than its minimum buffer.
+    if limits.max_header_bytes < 8192 {
+        errs.push("listen.max_header_bytes", "must be at least 8KiB");
+    }
+    let shutdown_grace = errs.duration(
+        "listen.shutdown_grace",
+        raw.shutdown_grace.as_deref(),
+        DEFAULT_SHUTDOWN_GRACE,
+    );
+    Some(Listen {
+        address: address?,
+        tls,
+        limits,
+        shutdown_grace,
+        anonymous_health: raw.anonymous_health,
+    })
+}
+
+fn load_tls(base: &Path, raw: &raw::RawTls) -> Result<rustls::ServerConfig, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+    let cert_path = resolve(base, &raw.cert_file);
+    let key_path = resolve(base, &raw.key_file);
+    let certs = CertificateDer::pem_file_iter(&cert_path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("cannot read certificates from `{}`: {e}", cert_path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("`{}` holds no certificate", cert_path.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(&key_path)
+        .map_err(|e| format!("cannot read private key from `{}`: {e}", key_path.display()))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup failed: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("certificate and key do not form a valid pair: {e}"))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+fn check_upstream(raw: &raw::RawUpstream, path: &str, base: &Path, errs: &mut Errors) -> Option<Upstream> {
+    let before = errs.0.len();
+    if raw.name.trim().is_empty() {
+        errs.push(&format!("{path}.name"), "must not be empty");
+    }
+    let uri = match raw.url.parse::<Uri>() {
+        Ok(u) => Some(u),
+        Err(e) => {
+            errs.push(&format!("{path}.url"), format!("`{}` is not a URL: {e}", raw.url));
+            None
+        }
+    };
+    let parts = uri.and_then(|u| {
+        let scheme = u.scheme().cloned();
+        let authority = u.authority().cloned();
+        match (scheme, authority) {
+            (Some(s), Some(a)) if s == http::uri::Scheme::HTTP || s == http::uri::Scheme::HTTPS => {
+                if u.query().is_some() {
+                    errs.push(&format!("{path}.url"), "must not have a query string");
+                }
+                Some((s, a, u.path().trim_end_matches('/').to_owned()))
+            }
+            _ => {
+                errs.push(
+                    &format!("{path}.url"),
+                    format!("`{}` must be an absolute http:// or https:// URL", raw.url),
+                );
+                None
+            }
+        }
+    });
+    let credential = raw.credential.as_ref().and_then(|secret| {
+        let header_path = format!("{path}.credential_header");
+        let header = match raw.credential_header.as_deref() {
+            None => http::header::AUTHORIZATION,
+            Some(h) => match HeaderName::from_bytes(h.as_bytes()) {
+                Ok(h) => h,
+                Err(_) => {
+                    errs.push(&header_path, format!("`{h}` is not a header name"));
+                    return None;
+                }
+            },
+        };
+        let secret = read_secret(secret, &format!("{path}.credential"), base, errs)?;
+        let text = if header == http::header::AUTHORIZATION {
+            format!("Bearer {secret}")
+        } else {
+            secret
+        };
+        match HeaderValue::from_str(&text) {
+            Ok(mut value) => {
+                value.set_sensitive(true);
+                Some(UpstreamCredential { header, value })
+            }
+            Err(_) => {
+                errs.push(&format!("{path}.credential"), "the secret is not a valid header value");
+                None
+            }
+        }
+    });
+    if raw.credential.is_none() && raw.credential_header.is_some() {
+        errs.push(&format!("{path}.credential_header"), "set without a credential");
+    }
+    let upstream = Upstream {
+        name: raw.name.clone(),
+        scheme: http::uri::Scheme::HTTP,
+        authority: http::uri::Authority::from_static("invalid"),
+        path_prefix: String::new(),
+        credential,
+        connect_timeout: errs.duration(
+            &format!("{path}.connect_timeout"),
+            raw.connect_timeout.as_deref(),
+            DEFAULT_CONNECT_TIMEOUT,
+        ),
+        first_byte_timeout: errs.duration(
+            &format!("{path}.first_byte_timeout"),
+            raw.first_byte_timeout.as_deref(),
+            DEFAULT_FIRST_BYTE_TIMEOUT,
+        ),
+        idle_timeout: errs.duration(
+            &format!("{path}.idle_timeout"),
+            raw.idle_timeout.as_deref(),
+            DEFAULT_IDLE_TIMEOUT,
+        ),
+        max_response_bytes: errs.size(
+            &format!("{path}.max_response_bytes"),
+            raw.max_response_bytes.as_ref(),
+            DEFAULT_MAX_RESPONSE_BYTES,
+        ),
+    };
+    let (scheme, authority, path_prefix) = parts?;
+    (errs.0.len() == before).then_some(Upstream {
+        scheme,
+        authority,
+        path_prefix,
+        ..upstream
+    })
+}
+
+fn read_secret(raw: &RawSecret, path: &str, base: &Path, errs: &mut Errors) -> Option<String> {
+    let value = match (&raw.env, &raw.file) {
+        (Some(var), None) => match std::env::var(var) {
+            Ok(v) => v,
+            Err(_) => {
+                errs.push(
+                    &format!("{path}.env"),
+                    format!("environment variable `{var}` is not set"),
+                );
+                return None;
+            }
+        },
+        (None, Some(file)) => {
+            let file = resolve(base, file);
+            match std::fs::read_to_string(&file) {
+                Ok(v) => v.trim().to_owned(),
+                Err(e) => {
+                    errs.push(
+                        &format!("{path}.file"),
+                        format!("cannot read `{}`: {e}", file.display()),
+                    );
+                    return None;
+                }
+            }
+        }
+        _ => {
+            errs.push(path, "give exactly one of `env` or `file`");
+            return None;
+        }
+    };
+    if value.is_empty() {
+        errs.push(path, "the secret is empty");
+        return None;
+    }
+    Some(value)
+}
+
+fn check_model(
+    raw: &raw::RawModel,
+    path: &str,
+    upstreams: &HashMap<String, Arc<Upstream>>,
+    declared_upstreams: &HashSet<&str>,
+    max_body_cap: usize,
+    errs: &mut Errors,
+) -> Option<ModelEndpoint> {
+    let before = errs.0.len();
+    // Model names travel in URL paths (OIP v2) and audit records: keep them plain.
+    if raw.name.is_empty()
+        || !raw
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'@'))
+    {
+        errs.push(
+            &format!("{path}.name"),
+            format!(
+                "`{}` must be non-empty and use only letters, digits and `-_.:@`",
+                raw.name
+            ),
+        );
+    }
+    let protocol = match raw.protocol.as_str() {
+        "openai" => Some(Protocol::Openai),
+        "oip_v2" => Some(Protocol::OipV2),
+        other => {
+            errs.push(
+                &format!("{path}.protocol"),
+                format!("unknown protocol `{other}`; expected `openai` or `oip_v2`"),
+            );
+            None
+        }
+    };
+    let upstream = upstreams.get(&raw.upstream).cloned();
+    if upstream.is_none() && !declared_upstreams.contains(raw.upstream.as_str()) {
+        errs.push(
+            &format!("{path}.upstream"),
+            format!("no upstream named `{}`", raw.upstream),
+        );
+    }
+    let max_body_bytes = errs.size(
+        &format!("{path}.max_body_bytes"),
+        raw.max_body_bytes.as_ref(),
+        max_body_cap,
+    );
+    if max_body_bytes > max_body_cap {
+        errs.push(
+            &format!("{path}.max_body_bytes"),
+            format!("{max_body_bytes} exceeds listen.max_body_bytes ({max_body_cap})"),
+        );
+    }
+    let upstream_model = raw.upstream_model.clone().unwrap_or_else(|| raw.name.clone());
+    if upstream_model.contains('/') || upstream_model.contains('?') || upstream_model.contains('#') {
+        errs.push(&format!("{path}.upstream_model"), "must not contain `/`, `?` or `#`");
+    }
+    if errs.0.len() != before {
+        return None;
+    }
+    Some(ModelEndpoint {
+        name: raw.name.clone(),
+        protocol: protocol?,
+        upstream: upstream?,
+        upstream_model,
+        max_body_bytes,
+    })
+}
+
+fn check_api_key(
+    raw: &raw::RawApiKey,
+    path: &str,
+    declared_models: &HashSet<&str>,
+    errs: &mut Errors,
+) -> Option<ApiKey> {
+    let before = errs.0.len();
+    if raw.id.trim().is_empty() {
+        errs.push(&format!("{path}.id"), "must not be empty");
+    }
+    if raw.principal.trim().is_empty() {
+        errs.push(&format!("{path}.principal"), "must not be empty");
+    }
+    if raw.tenant.trim().is_empty() {
+        errs.push(&format!("{path}.tenant"), "must not be empty");
+    }
+    let mut digest = [0u8; 32];
+    let hex_ok = raw.sha256.len() == 64
+        && raw
+            .sha256
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && hex::decode_to_slice(&raw.sha256, &mut digest).is_ok();
+    if !hex_ok {
+        errs.push(
+            &format!("{path}.sha256"),
+            "must be 64 lowercase hex digits (the SHA-256 of the key, not the key)",
+        );
+    }
+    let grant = if raw.models.iter().any(|m| m == "*") {
+        if raw.models.len() > 1 {
+            errs.push(&format!("{path}.models"), "`*` must stand alone");
+        }
+        ModelGrant::All
+    } else {
+        for (j, m) in raw.models.iter().enumerate() {
+            if !declared_models.contains(m.as_str()) {
+                errs.push(&format!("{path}.models[{j}]"), format!("no model named `{m}`"));
+            }
+        }
+        ModelGrant::Only(raw.models.iter().cloned().collect())
+    };
+    (errs.0.len() == before).then(|| ApiKey {
+        id: raw.id.clone(),
+        digest,
+        principal: raw.principal.clone(),
+        tenant: raw.tenant.clone(),
+        tier: raw.tier.clone(),
+        models: grant,
+    })
+}
+
+fn parse_size(value: &RawSize) -> Result<usize, String> {
+    let bytes = match value {
+        RawSize::Bytes(n) => *n,
+        RawSize::Text(text) => {
+            let t = text.trim();
+            let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+            let (num, unit) = t.split_at(split);
+            let num: u64 = num
+                .parse()
+                .map_err(|_| format!("`{text}` is not a size such as `65536`, `64KiB` or `1MiB`"))?;
+            let mult: u64 = match unit.trim() {
+                "" | "B" => 1,
+                "KiB" | "K" | "KB" => 1024,
+                "MiB" | "M" | "MB" => 1024 * 1024,
+                "GiB" | "G" | "GB" => 1024 * 1024 * 1024,
+                _ => return Err(format!("`{text}` has an unknown unit; use B, KiB, MiB or GiB")),
+            };
+            num.checked_mul(mult).ok_or_else(|| format!("`{text}` is too large"))?
+        }
+    };
+    usize::try_from(bytes).map_err(|_| format!("{bytes} is too large"))
+}
+
+fn resolve(base: &Path, file: &str) -> PathBuf {
+    let p = Path::new(file);
+    if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,193 @@
+//! The configuration file as written: plain serde types that reject unknown
+//! fields. Nothing here is trusted; [`super::Config::from_raw`] checks every
+//! field and turns these into runtime types.
+
+use serde::Deserialize;
+
+/// The whole `warden.yaml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// The public listener that clients call.
+    pub listen: RawListen,
+    /// The operations listener: health, readiness, metrics.
+    #[serde(default)]
+    pub admin: RawAdmin,
+    /// Where the per-request audit records go.
+    pub audit: RawAudit,
+    /// Model servers Warden forwards to.
+    #[serde(default)]
+    pub upstreams: Vec<RawUpstream>,
+    /// Model endpoints clients may call, each bound to one upstream.
+    #[serde(default)]
+    pub models: Vec<RawModel>,
+    /// API keys, declared by the SHA-256 of the key.
+    #[serde(default)]
+    pub api_keys: Vec<RawApiKey>,
+}
+
+/// The public listener and its limits.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListen {
+    /// `host:port` to bind, e.g. `0.0.0.0:8443`.
+    pub address: String,
+    /// Serve TLS (HTTP/1.1 and HTTP/2 by ALPN) instead of plain HTTP/1.1 + h2c.
+    #[serde(default)]
+    pub tls: Option<RawTls>,
+    /// Open connections beyond this wait in the kernel's accept queue.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// Largest request head (request line + headers) in bytes; larger gets 431.
+    #[serde(default)]
+    pub max_header_bytes: Option<RawSize>,
+    /// Most headers in one request.
+    #[serde(default)]
+    pub max_headers: Option<usize>,
+    /// A client must send its whole request head within this time, e.g. `10s`.
+    #[serde(default)]
+    pub header_read_timeout: Option<String>,
+    /// A client must send its whole body within this time, e.g. `30s`.
+    #[serde(default)]
+    pub body_read_timeout: Option<String>,
+    /// Largest request body accepted on any route; models may set less.
+    #[serde(default)]
+    pub max_body_bytes: Option<RawSize>,
+    /// Deepest JSON nesting accepted in a request body.
+    #[serde(default)]
+    pub max_json_depth: Option<usize>,
+    /// On SIGTERM/SIGINT, how long in-flight requests and streams may run on.
+    #[serde(default)]
+    pub shutdown_grace: Option<String>,
+    /// Answer the OIP v2 `GET /v2/health/live|ready` routes without a credential
+    /// (for orchestrator probes). Everything else always needs one.
+    #[serde(default)]
+    pub anonymous_health: bool,
+}
+
+/// Certificate chain and private key, both PEM files.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// PEM file with the certificate chain, leaf first.
+    pub cert_file: String,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: String,
+}
+
+/// The operations listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// `host:port`; loopback by default so metrics are not exposed by accident.
+    #[serde(default = "default_admin_address")]
+    pub address: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self {
+            address: default_admin_address(),
+        }
+    }
+}
+
+fn default_admin_address() -> String {
+    "127.0.0.1:9090".to_owned()
+}
+
+/// The audit log.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    /// File the JSON lines are appended to; created if missing.
+    pub file: String,
+}
+
+/// One model server.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    /// Name models refer to.
+    pub name: String,
+    /// Base URL, `http://` or `https://`, optionally with a path prefix.
+    pub url: String,
+    /// Credential Warden presents to the upstream; the caller's is never forwarded.
+    #[serde(default)]
+    pub credential: Option<RawSecret>,
+    /// Header the credential goes in. `authorization` (the default) sends
+    /// `Bearer <credential>`; any other header gets the credential as is.
+    #[serde(default)]
+    pub credential_header: Option<String>,
+    /// Time allowed to open a TCP (and TLS) connection, e.g. `2s`.
+    #[serde(default)]
+    pub connect_timeout: Option<String>,
+    /// Time allowed from sending the request to the response head.
+    #[serde(default)]
+    pub first_byte_timeout: Option<String>,
+    /// Longest silence allowed between two pieces of a response body.
+    #[serde(default)]
+    pub idle_timeout: Option<String>,
+    /// Largest non-streamed response body accepted from the upstream.
+    #[serde(default)]
+    pub max_response_bytes: Option<RawSize>,
+}
+
+/// A secret given by reference, never inline.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSecret {
+    /// Name of an environment variable holding the secret.
+    #[serde(default)]
+    pub env: Option<String>,
+    /// Path of a file holding the secret (surrounding whitespace is trimmed).
+    #[serde(default)]
+    pub file: Option<String>,
+}
+
+/// One model endpoint.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    /// The name clients use: the `model` field (OpenAI) or the path (OIP v2).
+    pub name: String,
+    /// `openai` or `oip_v2`.
+    pub protocol: String,
+    /// Name of the upstream serving it.
+    pub upstream: String,
+    /// Name the upstream knows the model by, when it differs.
+    #[serde(default)]
+    pub upstream_model: Option<String>,
+    /// Largest request body for this model; at most `listen.max_body_bytes`.
+    #[serde(default)]
+    pub max_body_bytes: Option<RawSize>,
+}
+
+/// One API key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApiKey {
+    /// Key id: recorded in the audit log instead of the key.
+    pub id: String,
+    /// Lowercase hex SHA-256 of the key (`printf %s "$KEY" | sha256sum`).
+    pub sha256: String,
+    /// Who the key belongs to.
+    pub principal: String,
+    /// The tenant (data partition) the key acts for.
+    pub tenant: String,
+    /// Service tier, e.g. `free`, `pro`, `enterprise`.
+    #[serde(default)]
+    pub tier: Option<String>,
+    /// Models the key may call; `"*"` means every model.
+    pub models: Vec<String>,
+}
+
+/// A size: a number of bytes, or a string such as `64KiB` or `1MiB`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawSize {
+    /// Plain bytes.
+    Bytes(u64),
+    /// With a unit suffix.
+    Text(String),
+}

@@ -1,0 +1,139 @@
+//! The running gateway: the current runtime state (checked configuration,
+//! key index, upstream clients, audit log), swapped atomically on reload, and
+//! the process-wide metrics. A request takes one snapshot of the runtime when
+//! it arrives and keeps it to the end, so a reload never changes the rules
+//! under a request in flight; the hot path takes no lock to read it.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use arc_swap::ArcSwap;
+
+use crate::admin::metrics::Metrics;
+use crate::audit::AuditLog;
+use crate::authn::KeyIndex;
+use crate::config::{Config, ConfigErrors};
+use crate::upstream::UpstreamClient;
+
+/// State built from one configuration.
+#[derive(Debug)]
+pub struct Runtime {
+    /// The checked configuration.
+    pub config: Config,
+    /// API keys, indexed.
+    pub keys: KeyIndex,
+    /// One pooled client per upstream, by upstream name.
+    pub clients: HashMap<String, UpstreamClient>,
+    /// The audit log.
+    pub audit: Arc<AuditLog>,
+}
+
+/// Why a runtime could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The configuration is invalid.
+    #[error("invalid configuration:\n{0}")]
+    Config(#[from] ConfigErrors),
+    /// The audit log could not be opened.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditOpenError),
+    /// An upstream client could not be built.
+    #[error("upstream `{0}`: {1}")]
+    Client(String, std::io::Error),
+}
+
+impl Runtime {
+    /// Builds everything a configuration needs. `previous` lends its audit
+    /// log when the file is unchanged, so one file never has two writers.
+    pub async fn build(config: Config, previous: Option<&Runtime>) -> Result<Runtime, BuildError> {
+        let audit = match previous {
+            Some(p) if p.audit.path() == config.audit_file => Arc::clone(&p.audit),
+            _ => Arc::new(AuditLog::open(&config.audit_file).await?),
+        };
+        let mut clients = HashMap::new();
+        for model in config.models.values() {
+            let up = &model.upstream;
+            if !clients.contains_key(&up.name) {
+                let client = UpstreamClient::new(up).map_err(|e| BuildError::Client(up.name.clone(), e))?;
+                clients.insert(up.name.clone(), client);
+            }
+        }
+        Ok(Runtime {
+            keys: KeyIndex::new(&config.api_keys),
+            config,
+            clients,
+            audit,
+        })
+    }
+}
+
+/// The gateway shared by every connection.
+#[derive(Debug)]
+pub struct Gateway {
+    runtime: ArcSwap<Runtime>,
+    /// Process-wide metrics; they survive reloads.
+    pub metrics: Arc<Metrics>,
+    config_path: Option<PathBuf>,
+    draining: AtomicBool,
+}
+
+impl Gateway {
+    /// A gateway serving `runtime`, reloadable from `config_path` if given.
+    pub fn new(runtime: Runtime, config_path: Option<PathBuf>) -> Gateway {
+        Gateway {
+            runtime: ArcSwap::from_pointee(runtime),
+            metrics: Arc::new(Metrics::new()),
+            config_path,
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// The current runtime state.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    /// Whether the gateway takes traffic.
+    pub fn is_ready(&self) -> bool {
+        !self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Marks the gateway as draining: readiness turns false.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Re-reads the configuration file and swaps in the new state. On any
+    /// error the old state keeps serving and the error is returned.
+    pub async fn reload(&self) -> Result<(), BuildError> {
+        let Some(path) = &self.config_path else {
+            return Ok(());
+        };
+        let result = async {
+            let config = Config::load(path)?;
+            let current = self.runtime();
+            if config.listen.address != current.config.listen.address
+                || config.admin_address != current.config.admin_address
+            {
+                tracing::warn!("listener addresses changed: they take effect at the next restart");
+            }
+            Runtime::build(config, Some(&current)).await
+        }
+        .await;
+        match result {
+            Ok(runtime) => {
+                self.runtime.store(Arc::new(runtime));
+                self.metrics.reload(true);
+                tracing::info!(path = %path.display(), "configuration reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.reload(false);
+                tracing::error!(path = %path.display(), error = %e, "configuration reload failed; the previous configuration keeps serving");
+                Err(e)
+            }
+        }
+    }
+}

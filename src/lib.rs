@@ -1,0 +1,37 @@
+//! Warden: a secure gateway for AI model serving.
+//!
+//! Every inference request passes through one pipeline, read top to bottom in
+//! [`pipeline::handle`]. The modules below are listed in request order:
+//!
+//! - [`server`]: listeners (HTTP/1.1, h2c, TLS with ALPN), connection limits,
+//!   graceful shutdown.
+//! - [`exchange`]: the per-request context every stage fills in; the audit
+//!   record is built from it.
+//! - [`authn`]: who is calling (API keys).
+//! - [`route`]: which model endpoint, upstream and protocol.
+//! - [`authz`]: may this principal call this model.
+//! - [`request`]: reading and checking the request body.
+//! - [`upstream`]: the pooled upstream client, forwarding and streaming.
+//! - [`audit`]: one record per request, written to a file.
+//! - [`reject`]: every reason a request can fail, turned into a response in
+//!   exactly one place.
+//! - [`admin`]: health, readiness and Prometheus metrics on a separate listener.
+//! - [`app`]: starting, reloading and stopping the gateway; `warden demo`.
+//! - [`config`]: raw YAML types, checked runtime types, reload.
+//! - [`demo`]: embedded demo upstreams for `warden demo`, tests and benchmarks.
+
+pub mod admin;
+pub mod app;
+pub mod audit;
+pub mod authn;
+pub mod authz;
+pub mod config;
+pub mod demo;
+pub mod exchange;
+pub mod gateway;
+pub mod pipeline;
+pub mod reject;
+pub mod request;
+pub mod route;
+pub mod server;
+pub mod upstream;

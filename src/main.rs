@@ -1,0 +1,148 @@
+//! The `warden` command: a thin shell over the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use warden::app;
+use warden::config::Config;
+
+/// Warden: a secure gateway for AI model serving.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the gateway with a configuration file (SIGHUP reloads it).
+    Serve {
+        /// Path of the YAML configuration.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the gateway on its embedded demo configuration, with embedded
+    /// demo model servers, and print keys and commands to try.
+    Demo {
+        /// Public listener.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Admin listener (metrics, health).
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: SocketAddr,
+        /// Chat simulator upstream.
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        chat_upstream: SocketAddr,
+        /// Fraud-model upstream.
+        #[arg(long, default_value = "127.0.0.1:8082")]
+        fraud_upstream: SocketAddr,
+        /// Directory for the demo's audit log.
+        #[arg(long)]
+        audit_dir: Option<PathBuf>,
+    },
+    /// Check a configuration file and report every error in it.
+    Check {
+        /// Path of the YAML configuration.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    if rustls::crypto::aws_lc_rs::default_provider().install_default().is_err() {
+        tracing::debug!("a rustls crypto provider was already installed");
+    }
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Serve { config } => run(serve(config)),
+        Command::Demo {
+            listen,
+            admin,
+            chat_upstream,
+            fraud_upstream,
+            audit_dir,
+        } => run(demo(
+            app::DemoAddresses {
+                gateway: listen,
+                admin,
+                chat: chat_upstream,
+                fraud: fraud_upstream,
+            },
+            audit_dir,
+        )),
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(config) => {
+            println!(
+                "{}: ok ({} models, {} API keys)",
+                path.display(),
+                config.models.len(),
+                config.api_keys.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{}: {} error(s)", path.display(), errors.0.len());
+            for e in &errors.0 {
+                eprintln!("  {e}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(job: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(job) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(path: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&path).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
+    let running = app::start(config, Some(path)).await?;
+    running.run_until_signal().await
+}
+
+async fn demo(addresses: app::DemoAddresses, audit_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let audit_dir = audit_dir.unwrap_or_else(|| std::env::temp_dir().join("warden-demo"));
+    std::fs::create_dir_all(&audit_dir)?;
+    let (running, bound) = app::start_demo(&addresses, &audit_dir).await?;
+    let audit_file = running.gateway.runtime().config.audit_file.clone();
+    println!("{}", app::demo_banner(&bound, &audit_file));
+    running.run_until_signal().await
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

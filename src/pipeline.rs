@@ -1,0 +1,249 @@
+//! The life of a request, top to bottom. [`handle`] is the whole of it: each
+//! stage is one call, in request order, and any stage may stop the request
+//! with a [`Reject`], which becomes a response in one place. Whatever
+//! happens, the exchange is finished once — audit record and metrics — when
+//! its response body ends or the client goes away.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, header};
+use hyper::body::Incoming;
+
+use crate::authn::Identity;
+use crate::authz;
+use crate::config::{ModelEndpoint, Protocol};
+use crate::exchange::{Exchange, Finisher, ResponseBody, Source, SseSource};
+use crate::gateway::{Gateway, Runtime};
+use crate::reject::Reject;
+use crate::request;
+use crate::route::{self, Operation, Route};
+use crate::upstream::{self, AnswerBody, Outbound};
+
+/// What the stages produced for the client.
+enum Reply {
+    /// The model server's answer.
+    Upstream(upstream::Answer),
+    /// Warden's own answer (model list, health).
+    Local(serde_json::Value),
+}
+
+/// Serves one request on the public listener.
+pub async fn handle(gateway: Arc<Gateway>, req: Request<Incoming>, peer: SocketAddr) -> Response<ResponseBody> {
+    // One snapshot of the configuration for the whole request.
+    let runtime = gateway.runtime();
+    gateway.metrics.start_request();
+    let mut exchange = Exchange::begin(&req, peer);
+    let reply = life_of_request(&runtime, &mut exchange, req).await;
+    respond(&gateway, &runtime, exchange, reply)
+}
+
+async fn life_of_request(rt: &Runtime, ex: &mut Exchange, req: Request<Incoming>) -> Result<Reply, Reject> {
+    let (parts, body_stream) = req.into_parts();
+    let limits = &rt.config.listen.limits;
+
+    // 2 route (path only). It runs before authentication because the error
+    // format and the anonymous health probes depend on it; it reads nothing
+    // but the path.
+    let route = route::route(&parts.method, parts.uri.path())?;
+    ex.protocol = route.protocol;
+
+    // 1 authenticate: every request, unless the route is an anonymous probe.
+    let identity = authenticate(rt, &route, &parts.headers)?;
+    ex.identity = Some(identity.clone());
+
+    match route.operation {
+        Operation::ListModels => return Ok(Reply::Local(list_models(rt, &identity))),
+        Operation::Live => return Ok(Reply::Local(serde_json::json!({ "live": true }))),
+        Operation::Ready => return Ok(Reply::Local(serde_json::json!({ "ready": true }))),
+        _ => {}
+    }
+
+    // OIP v2 names the model in the path, so it is known, and authorized,
+    // before its body is read; its own body limit applies from the first byte.
+    let mut endpoint = match &route.model {
+        Some(name) => {
+            let model = find_model(rt, name, route.protocol)?;
+            note_model(ex, &model);
+            // 3 authorize: endpoint (path-routed).
+            let permit = authz::authorize_endpoint(&identity, &model)?;
+            Some((model, permit))
+        }
+        None => None,
+    };
+
+    // 4 read + validate. OpenAI routes name the model in the body, so their
+    // body (bounded by the listener's limit) is read before the model is
+    // known; only authenticated callers get this far.
+    let mut body = None;
+    if route.operation.has_body() {
+        request::check_content_type(&parts.headers)?;
+        let limit = endpoint
+            .as_ref()
+            .map_or(limits.max_body_bytes, |(m, _)| m.max_body_bytes);
+        let bytes = request::read_body(&parts.headers, body_stream, limit, limits.body_read_timeout).await?;
+        ex.record_request_body(&bytes);
+        let json = request::parse_json_object(&bytes, limits.max_json_depth)?;
+        if endpoint.is_none() {
+            let model = find_model(rt, request::model_field(&json)?, route.protocol)?;
+            note_model(ex, &model);
+            // 3 authorize: endpoint (body-routed).
+            let permit = authz::authorize_endpoint(&identity, &model)?;
+            endpoint = Some((model, permit));
+        }
+        body = Some((bytes, json));
+    }
+    let (model, permit) = endpoint.ok_or_else(|| Reject::UnknownRoute(ex.path.clone()))?;
+
+    let body = match body {
+        Some((bytes, json)) => {
+            if bytes.len() > model.max_body_bytes {
+                return Err(Reject::BodyTooLarge {
+                    limit: model.max_body_bytes,
+                });
+            }
+            if route.protocol == Protocol::Openai {
+                ex.stream = request::stream_field(&json)?;
+            }
+            upstream_body(&model, route.protocol, bytes, json)?
+        }
+        None => Bytes::new(),
+    };
+
+    // 5 authorize: tenant + action, 6 admit — built by later stages.
+
+    // 7 forward.
+    let client = rt
+        .clients
+        .get(&model.upstream.name)
+        .ok_or(Reject::UpstreamUnreachable)?;
+    let answer = upstream::forward(
+        &permit,
+        &model.upstream,
+        client,
+        Outbound {
+            method: parts.method.clone(),
+            path: upstream_path(&route, &model, ex),
+            client_headers: &parts.headers,
+            body,
+            request_id: &ex.request_id,
+            stream: ex.stream,
+        },
+    )
+    .await?;
+    ex.upstream_status = Some(answer.head.status.as_u16());
+    ex.upstream_latency = Some(answer.latency);
+
+    // 8 inspect output, 9 settle — built by later stages.
+    Ok(Reply::Upstream(answer))
+}
+
+/// 10 audit happens when the body returned here ends: it owns the finisher.
+fn respond(
+    gateway: &Arc<Gateway>,
+    rt: &Runtime,
+    mut ex: Exchange,
+    reply: Result<Reply, Reject>,
+) -> Response<ResponseBody> {
+    let (mut head, source, usage) = match reply {
+        Ok(Reply::Upstream(answer)) => {
+            let source = match answer.body {
+                AnswerBody::Full(bytes) => Source::Full(Some(bytes)),
+                AnswerBody::Sse(body, idle) => Source::Sse(Box::new(SseSource::new(body, idle, ex.protocol))),
+            };
+            (answer.head, source, answer.usage)
+        }
+        Ok(Reply::Local(value)) => {
+            let mut head = Response::new(()).into_parts().0;
+            head.headers
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            (head, Source::Full(Some(Bytes::from(value.to_string()))), None)
+        }
+        Err(reject) => {
+            let (head, body) = reject.into_parts(ex.protocol);
+            tracing::debug!(request_id = ?ex.request_id, reason = reject.code(), "request rejected");
+            ex.reject = Some(reject);
+            (head, Source::Full(Some(body)), None)
+        }
+    };
+    head.headers.insert("x-request-id", ex.request_id.clone());
+    let finisher = Finisher::new(
+        ex,
+        head.status.as_u16(),
+        Arc::clone(&rt.audit),
+        Arc::clone(&gateway.metrics),
+    );
+    Response::from_parts(head, ResponseBody::new(source, usage, finisher))
+}
+
+fn note_model(ex: &mut Exchange, model: &ModelEndpoint) {
+    ex.model = Some(model.name.clone());
+    ex.upstream = Some(model.upstream.name.clone());
+}
+
+fn authenticate(rt: &Runtime, route: &Route, headers: &http::HeaderMap) -> Result<Identity, Reject> {
+    let probe = matches!(route.operation, Operation::Live | Operation::Ready);
+    if probe && rt.config.listen.anonymous_health && !crate::authn::has_credential(headers) {
+        return Ok(Identity::anonymous());
+    }
+    rt.keys.authenticate(headers)
+}
+
+fn find_model(rt: &Runtime, name: &str, protocol: Protocol) -> Result<Arc<ModelEndpoint>, Reject> {
+    match rt.config.models.get(name) {
+        Some(model) if model.protocol == protocol => Ok(Arc::clone(model)),
+        _ => Err(Reject::ModelNotFound(name.to_owned())),
+    }
+}
+
+/// `GET /v1/models`: only the models this caller may call.
+fn list_models(rt: &Runtime, identity: &Identity) -> serde_json::Value {
+    let mut names: Vec<&str> = rt
+        .config
+        .models
+        .values()
+        .filter(|m| m.protocol == Protocol::Openai)
+        .filter(|m| identity.models().is_some_and(|g| g.allows(&m.name)))
+        .map(|m| m.name.as_str())
+        .collect();
+    names.sort_unstable();
+    let data: Vec<serde_json::Value> = names
+        .into_iter()
+        .map(|id| serde_json::json!({ "id": id, "object": "model", "created": 0, "owned_by": "warden" }))
+        .collect();
+    serde_json::json!({ "object": "list", "data": data })
+}
+
+/// The bytes to send upstream: the client's own bytes, unless the upstream
+/// knows the model by another name and the body names it.
+fn upstream_body(
+    model: &ModelEndpoint,
+    protocol: Protocol,
+    bytes: Bytes,
+    mut json: serde_json::Value,
+) -> Result<Bytes, Reject> {
+    if protocol != Protocol::Openai || model.upstream_model == model.name {
+        return Ok(bytes);
+    }
+    if let Some(field) = json.get_mut("model") {
+        *field = serde_json::Value::String(model.upstream_model.clone());
+    }
+    serde_json::to_vec(&json)
+        .map(Bytes::from)
+        .map_err(|_| Reject::UpstreamInvalid)
+}
+
+fn upstream_path(route: &Route, model: &ModelEndpoint, ex: &Exchange) -> String {
+    let name = &model.upstream_model;
+    let versioned = |suffix: &str| match &route.version {
+        Some(v) => format!("/v2/models/{name}/versions/{v}{suffix}"),
+        None => format!("/v2/models/{name}{suffix}"),
+    };
+    match route.operation {
+        Operation::Infer => versioned("/infer"),
+        Operation::ModelMetadata => versioned(""),
+        Operation::ModelReady => versioned("/ready"),
+        _ => ex.path.clone(),
+    }
+}

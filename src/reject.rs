@@ -1,0 +1,250 @@
+//! Every reason Warden refuses or fails a request, and the one place where a
+//! reason becomes an HTTP response. OpenAI routes get the OpenAI error object
+//! (`{"error":{"message","type","param","code"}}`), which the official SDKs map
+//! to their exception types; OIP v2 routes get `{"error":"…"}`.
+
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode};
+
+use crate::config::Protocol;
+
+/// Why a request did not get a model's answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Reject {
+    /// No credential was presented.
+    #[error("missing API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`")]
+    MissingCredential,
+    /// The credential matches no key.
+    #[error("invalid API key")]
+    InvalidCredential,
+    /// `Authorization` and `x-api-key` carry different keys.
+    #[error("conflicting credentials: `Authorization` and `x-api-key` differ")]
+    ConflictingCredentials,
+    /// The path is not a route Warden serves.
+    #[error("unknown route `{0}`")]
+    UnknownRoute(String),
+    /// The route exists but not for this method.
+    #[error("method `{0}` is not allowed on this route")]
+    MethodNotAllowed(String),
+    /// The body is not declared as JSON.
+    #[error("unsupported content type: send `Content-Type: application/json`")]
+    UnsupportedMediaType,
+    /// The body is larger than the route allows.
+    #[error("request body exceeds {limit} bytes")]
+    BodyTooLarge {
+        /// The limit that applied.
+        limit: usize,
+    },
+    /// The client did not send its body in time.
+    #[error("request body not received in time")]
+    BodyTimeout,
+    /// The body could not be read off the connection.
+    #[error("request body could not be read")]
+    BodyRead,
+    /// The body is not JSON.
+    #[error("invalid JSON body: {0}")]
+    InvalidJson(String),
+    /// The JSON nests deeper than allowed.
+    #[error("JSON nesting exceeds the limit of {0} levels")]
+    JsonTooDeep(usize),
+    /// A required or malformed field.
+    #[error("{message}")]
+    InvalidField {
+        /// JSON path of the field, e.g. `model`.
+        param: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// No model of that name is configured.
+    #[error("the model `{0}` does not exist")]
+    ModelNotFound(String),
+    /// The caller may not call this model.
+    #[error("you are not allowed to call the model `{0}`")]
+    ModelNotAllowed(String),
+    /// The upstream could not be reached.
+    #[error("the model server could not be reached")]
+    UpstreamUnreachable,
+    /// The upstream did not answer in time.
+    #[error("the model server did not answer in time")]
+    UpstreamTimeout,
+    /// The upstream answered with something Warden cannot pass on.
+    #[error("the model server sent an invalid response")]
+    UpstreamInvalid,
+    /// The upstream refused Warden's own credential: a gateway misconfiguration,
+    /// not the caller's fault, so it must not look like a client auth error.
+    #[error("the model server rejected the gateway's credentials")]
+    UpstreamAuth,
+    /// The gateway is shutting down.
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
+}
+
+/// Who caused a failure, recorded in the audit log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fault {
+    /// The caller sent something wrong or is not allowed.
+    Client,
+    /// The model server failed.
+    Upstream,
+    /// Warden itself.
+    Gateway,
+}
+
+impl Reject {
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Reject::MissingCredential | Reject::InvalidCredential | Reject::ConflictingCredentials => {
+                StatusCode::UNAUTHORIZED
+            }
+            Reject::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
+            Reject::UnknownRoute(_) | Reject::ModelNotFound(_) => StatusCode::NOT_FOUND,
+            Reject::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Reject::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Reject::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Reject::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Reject::BodyRead | Reject::InvalidJson(_) | Reject::JsonTooDeep(_) | Reject::InvalidField { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            Reject::UpstreamUnreachable | Reject::UpstreamInvalid | Reject::UpstreamAuth => StatusCode::BAD_GATEWAY,
+            Reject::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Reject::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// A stable machine-readable reason: the OpenAI `code`, the audit
+    /// record's `reject_reason` and the metrics label.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Reject::MissingCredential => "missing_api_key",
+            Reject::InvalidCredential => "invalid_api_key",
+            Reject::ConflictingCredentials => "conflicting_credentials",
+            Reject::UnknownRoute(_) => "unknown_route",
+            Reject::MethodNotAllowed(_) => "method_not_allowed",
+            Reject::UnsupportedMediaType => "unsupported_media_type",
+            Reject::BodyTooLarge { .. } => "request_too_large",
+            Reject::BodyTimeout => "request_timeout",
+            Reject::BodyRead => "body_read_error",
+            Reject::InvalidJson(_) => "invalid_json",
+            Reject::JsonTooDeep(_) => "json_too_deep",
+            Reject::InvalidField { .. } => "invalid_field",
+            Reject::ModelNotFound(_) => "model_not_found",
+            Reject::ModelNotAllowed(_) => "model_not_allowed",
+            Reject::UpstreamUnreachable => "upstream_unreachable",
+            Reject::UpstreamTimeout => "upstream_timeout",
+            Reject::UpstreamInvalid => "invalid_upstream_response",
+            Reject::UpstreamAuth => "upstream_auth_failed",
+            Reject::ShuttingDown => "shutting_down",
+        }
+    }
+
+    /// The OpenAI error `type`.
+    fn openai_type(&self) -> &'static str {
+        match self.status() {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::FORBIDDEN => "permission_error",
+            StatusCode::NOT_FOUND => "not_found_error",
+            StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
+            s if s.is_server_error() => "api_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    /// The request field at fault, when there is one.
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            Reject::InvalidField { param, .. } => Some(param),
+            Reject::ModelNotFound(_) | Reject::ModelNotAllowed(_) => Some("model"),
+            _ => None,
+        }
+    }
+
+    /// Who is at fault.
+    pub fn fault(&self) -> Fault {
+        match self {
+            Reject::UpstreamUnreachable | Reject::UpstreamTimeout | Reject::UpstreamInvalid => Fault::Upstream,
+            Reject::UpstreamAuth | Reject::ShuttingDown => Fault::Gateway,
+            _ => Fault::Client,
+        }
+    }
+
+    /// Whether a retry could succeed. The OpenAI SDKs retry 408/409/429/5xx
+    /// unless told not to, and a retry cannot fix a denial.
+    fn retryable(&self) -> bool {
+        matches!(
+            self,
+            Reject::BodyTimeout | Reject::UpstreamUnreachable | Reject::UpstreamTimeout | Reject::ShuttingDown
+        )
+    }
+
+    /// The response body in the protocol's error format.
+    pub fn body(&self, protocol: Protocol) -> Bytes {
+        let message = self.to_string();
+        let value = match protocol {
+            Protocol::Openai => serde_json::json!({
+                "error": {
+                    "message": message,
+                    "type": self.openai_type(),
+                    "param": self.param(),
+                    "code": self.code(),
+                }
+            }),
+            Protocol::OipV2 => serde_json::json!({ "error": message }),
+        };
+        Bytes::from(value.to_string())
+    }
+
+    /// Status, headers and body of the response for this rejection.
+    pub fn into_parts(&self, protocol: Protocol) -> (http::response::Parts, Bytes) {
+        let mut response = http::Response::new(());
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            "x-should-retry",
+            HeaderValue::from_static(if self.retryable() { "true" } else { "false" }),
+        );
+        if self.status() == StatusCode::UNAUTHORIZED {
+            headers.insert(http::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        let (parts, ()) = response.into_parts();
+        (parts, self.body(protocol))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openai_body_has_the_four_fields() {
+        let body = Reject::ModelNotAllowed("fraud".into()).body(Protocol::Openai);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"error": {
+                "message": "you are not allowed to call the model `fraud`",
+                "type": "permission_error",
+                "param": "model",
+                "code": "model_not_allowed"
+            }})
+        );
+    }
+
+    #[test]
+    fn oip_body_is_a_string() {
+        let body = Reject::InvalidCredential.body(Protocol::OipV2);
+        assert_eq!(&body[..], br#"{"error":"invalid API key"}"#);
+    }
+
+    #[test]
+    fn denials_are_not_retried_but_outages_are() {
+        let (parts, _) = Reject::ModelNotAllowed("m".into()).into_parts(Protocol::Openai);
+        assert_eq!(parts.headers["x-should-retry"], "false");
+        let (parts, _) = Reject::UpstreamTimeout.into_parts(Protocol::Openai);
+        assert_eq!(parts.status, StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(parts.headers["x-should-retry"], "true");
+    }
+}

@@ -1,0 +1,172 @@
+//! Listeners: accepting connections, TLS with ALPN (h2, http/1.1), plain
+//! HTTP/1.1 with h2c, the limits every connection is held to, and graceful
+//! shutdown.
+//!
+//! Limits enforced here: open connections (`max_connections`; beyond it new
+//! connections wait in the kernel's accept queue), request head size and
+//! header count (431 from hyper), the time to send the request head (the
+//! connection is closed) and the TLS handshake time. Body size and body
+//! time are enforced where the body is read (`request`).
+//!
+//! On shutdown the listener stops accepting, every connection is told to
+//! finish (HTTP/1.1 closes after the response in flight, HTTP/2 sends
+//! GOAWAY), and in-flight requests and streams get until the deadline.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+use crate::admin::metrics::Metrics;
+use crate::config::ListenLimits;
+
+/// How one listener serves its connections.
+#[derive(Clone, Debug)]
+pub struct ListenerOptions {
+    /// Serve TLS with this configuration.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Connection limits.
+    pub limits: ListenLimits,
+    /// On shutdown, how long connections may take to finish.
+    pub shutdown_grace: Duration,
+}
+
+/// A shutdown signal shared by every listener: flips to `true` once.
+pub type ShutdownSignal = watch::Receiver<bool>;
+
+/// Serves `listener` until `shutdown` flips, then drains connections for at
+/// most the grace period. `handle` answers each request.
+pub async fn serve<H, Fut, B>(
+    listener: TcpListener,
+    options: ListenerOptions,
+    metrics: Option<Arc<Metrics>>,
+    handle: H,
+    mut shutdown: ShutdownSignal,
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let limits = &options.limits;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .max_headers(limits.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(256)
+        .keep_alive_interval(Duration::from_secs(30));
+    let builder = Arc::new(builder);
+    let tls = options.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+    let handshake_timeout = limits.header_read_timeout;
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+
+    loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(&connections).acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            () = stopped(&mut shutdown) => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stopped(&mut shutdown) => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let builder = Arc::clone(&builder);
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
+        let handle = handle.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _open = metrics.as_ref().map(|m| OpenConnection::new(Arc::clone(m)));
+            let service = hyper::service::service_fn(move |req| {
+                let handle = handle.clone();
+                async move { Ok::<_, Infallible>(handle(req, peer).await) }
+            });
+            let result = match tls {
+                None => {
+                    watcher
+                        .watch(builder.serve_connection(TokioIo::new(stream), service))
+                        .await
+                }
+                Some(acceptor) => {
+                    let tls_stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    watcher
+                        .watch(builder.serve_connection(TokioIo::new(tls_stream), service))
+                        .await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+
+    drop(listener);
+    let grace = options.shutdown_grace;
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!(
+            ?grace,
+            "shutdown deadline passed with connections still open; closing them"
+        );
+    }
+}
+
+/// Resolves once the shutdown signal has flipped (or its sender is gone).
+async fn stopped(signal: &mut ShutdownSignal) {
+    // The guard `wait_for` returns is not `Send`: drop it here.
+    let _ = signal.wait_for(|stop| *stop).await.map(|_| ());
+}
+
+/// Counts an open connection for as long as it lives.
+struct OpenConnection(Arc<Metrics>);
+
+impl OpenConnection {
+    fn new(metrics: Arc<Metrics>) -> OpenConnection {
+        metrics.connection(1);
+        OpenConnection(metrics)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.connection(-1);
+    }
+}
