@@ -5,7 +5,8 @@
 //! Limits enforced here: open connections (`max_connections`; beyond it new
 //! connections wait in the kernel's accept queue), request head size and
 //! header count (431 from hyper), the time to send the request head (the
-//! connection is closed) and the TLS handshake time. Body size and body
+//! connection is closed; the first request head, TLS handshake included,
+//! must arrive within the same time) and the TLS handshake time. Body size and body
 //! time are enforced where the body is read (`request`).
 //!
 //! On shutdown the listener stops accepting, every connection is told to
@@ -15,6 +16,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -73,7 +75,7 @@ pub async fn serve<H, Fut, B>(
         .keep_alive_interval(Duration::from_secs(30));
     let builder = Arc::new(builder);
     let tls = options.tls.clone().map(tokio_rustls::TlsAcceptor::from);
-    let handshake_timeout = limits.header_read_timeout;
+    let head_timeout = limits.header_read_timeout;
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
 
@@ -106,18 +108,25 @@ pub async fn serve<H, Fut, B>(
         tokio::spawn(async move {
             let _permit = permit;
             let _open = metrics.as_ref().map(|m| OpenConnection::new(Arc::clone(m)));
+            let started = Arc::new(AtomicBool::new(false));
+            let seen = Arc::clone(&started);
             let service = hyper::service::service_fn(move |req| {
+                seen.store(true, Ordering::Relaxed);
                 let handle = handle.clone();
                 async move { Ok::<_, Infallible>(handle(req, peer).await) }
             });
+            // hyper's header timeout starts only once HTTP/1 is detected: a
+            // client that sends nothing (or half an HTTP/2 preface) would hold
+            // its connection slot forever. The whole first request head must
+            // arrive within the head timeout, TLS handshake included.
+            let deadline = tokio::time::Instant::now() + head_timeout;
             let result = match tls {
                 None => {
-                    watcher
-                        .watch(builder.serve_connection(TokioIo::new(stream), service))
-                        .await
+                    let conn = watcher.watch(builder.serve_connection(TokioIo::new(stream), service));
+                    first_request_within(conn, deadline, &started).await
                 }
                 Some(acceptor) => {
-                    let tls_stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                    let tls_stream = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -128,13 +137,14 @@ pub async fn serve<H, Fut, B>(
                             return;
                         }
                     };
-                    watcher
-                        .watch(builder.serve_connection(TokioIo::new(tls_stream), service))
-                        .await
+                    let conn = watcher.watch(builder.serve_connection(TokioIo::new(tls_stream), service));
+                    first_request_within(conn, deadline, &started).await
                 }
             };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            match result {
+                Some(Err(e)) => tracing::debug!(%peer, error = %e, "connection ended with an error"),
+                None => tracing::debug!(%peer, "no request within the header read timeout; closed"),
+                Some(Ok(())) => {}
             }
         });
     }
@@ -146,6 +156,26 @@ pub async fn serve<H, Fut, B>(
             ?grace,
             "shutdown deadline passed with connections still open; closing them"
         );
+    }
+}
+
+/// Drives `conn`, dropping it (which closes the connection) if no request
+/// has started by `deadline`. `None` means it was dropped.
+async fn first_request_within<C: Future>(
+    conn: C,
+    deadline: tokio::time::Instant,
+    started: &AtomicBool,
+) -> Option<C::Output> {
+    tokio::pin!(conn);
+    tokio::select! {
+        out = &mut conn => Some(out),
+        () = tokio::time::sleep_until(deadline) => {
+            if started.load(Ordering::Relaxed) {
+                Some(conn.await)
+            } else {
+                None
+            }
+        }
     }
 }
 

@@ -655,8 +655,14 @@ fn check_model(
         );
     }
     let upstream_model = raw.upstream_model.clone().unwrap_or_else(|| raw.name.clone());
-    if upstream_model.contains('/') || upstream_model.contains('?') || upstream_model.contains('#') {
-        errs.push(&format!("{path}.upstream_model"), "must not contain `/`, `?` or `#`");
+    // OIP v2 puts the upstream's name in the URL path; OpenAI only in the body
+    // (where names such as `meta-llama/Llama-3.1-8B-Instruct` are normal).
+    let in_path = protocol == Some(Protocol::OipV2);
+    if in_path && upstream_model.contains(['/', '?', '#', '%']) {
+        errs.push(
+            &format!("{path}.upstream_model"),
+            "must not contain `/`, `?`, `#` or `%` on an oip_v2 model",
+        );
     }
     if errs.0.len() != before {
         return None;

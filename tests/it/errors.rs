@@ -1,0 +1,197 @@
+//! Every rejection, with its exact status and body, in the caller's
+//! protocol's error format.
+
+use http::StatusCode;
+
+use crate::common::*;
+
+struct Case {
+    name: &'static str,
+    path: &'static str,
+    key: Option<&'static str>,
+    content_type: &'static str,
+    body: String,
+    status: StatusCode,
+    expected: &'static str,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejections_have_exact_status_and_body() {
+    let gw = demo_gateway().await;
+    let chat = chat_body("demo-chat", false).to_string();
+    let cases = [
+        Case {
+            name: "no key",
+            path: "/v1/chat/completions",
+            key: None,
+            content_type: "application/json",
+            body: chat.clone(),
+            status: StatusCode::UNAUTHORIZED,
+            expected: r#"{"error":{"code":"missing_api_key","message":"missing API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`","param":null,"type":"authentication_error"}}"#,
+        },
+        Case {
+            name: "wrong key",
+            path: "/v1/chat/completions",
+            key: Some("wdn_demo_acme_wrong"),
+            content_type: "application/json",
+            body: chat.clone(),
+            status: StatusCode::UNAUTHORIZED,
+            expected: r#"{"error":{"code":"invalid_api_key","message":"invalid API key","param":null,"type":"authentication_error"}}"#,
+        },
+        Case {
+            name: "wrong key, OIP",
+            path: "/v2/models/fraud-scorer/infer",
+            key: Some("wdn_demo_acme_wrong"),
+            content_type: "application/json",
+            body: fraud_body(1).to_string(),
+            status: StatusCode::UNAUTHORIZED,
+            expected: r#"{"error":"invalid API key"}"#,
+        },
+        Case {
+            name: "model not allowed",
+            path: "/v1/chat/completions",
+            key: Some(GLOBEX),
+            content_type: "application/json",
+            body: chat_body("other-chat", false).to_string(),
+            status: StatusCode::FORBIDDEN,
+            expected: r#"{"error":{"code":"model_not_allowed","message":"you are not allowed to call the model `other-chat`","param":"model","type":"permission_error"}}"#,
+        },
+        Case {
+            name: "model not allowed, OIP",
+            path: "/v2/models/fraud-scorer/infer",
+            key: Some(GLOBEX),
+            content_type: "application/json",
+            body: fraud_body(1).to_string(),
+            status: StatusCode::FORBIDDEN,
+            expected: r#"{"error":"you are not allowed to call the model `fraud-scorer`"}"#,
+        },
+        Case {
+            name: "unknown model",
+            path: "/v1/chat/completions",
+            key: Some(ACME),
+            content_type: "application/json",
+            body: chat_body("gpt-9", false).to_string(),
+            status: StatusCode::NOT_FOUND,
+            expected: r#"{"error":{"code":"model_not_found","message":"the model `gpt-9` does not exist","param":"model","type":"not_found_error"}}"#,
+        },
+        Case {
+            name: "unknown model, OIP",
+            path: "/v2/models/nope/infer",
+            key: Some(ACME),
+            content_type: "application/json",
+            body: fraud_body(1).to_string(),
+            status: StatusCode::NOT_FOUND,
+            expected: r#"{"error":"the model `nope` does not exist"}"#,
+        },
+        Case {
+            name: "an OIP model is not an OpenAI model",
+            path: "/v1/chat/completions",
+            key: Some(ACME),
+            content_type: "application/json",
+            body: chat_body("fraud-scorer", false).to_string(),
+            status: StatusCode::NOT_FOUND,
+            expected: r#"{"error":{"code":"model_not_found","message":"the model `fraud-scorer` does not exist","param":"model","type":"not_found_error"}}"#,
+        },
+        Case {
+            name: "unknown route",
+            path: "/v1/engines",
+            key: Some(ACME),
+            content_type: "application/json",
+            body: chat.clone(),
+            status: StatusCode::NOT_FOUND,
+            expected: r#"{"error":{"code":"unknown_route","message":"unknown route `/v1/engines`","param":null,"type":"not_found_error"}}"#,
+        },
+        Case {
+            name: "not JSON",
+            path: "/v1/chat/completions",
+            key: Some(ACME),
+            content_type: "text/plain",
+            body: chat.clone(),
+            status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            expected: r#"{"error":{"code":"unsupported_media_type","message":"unsupported content type: send `Content-Type: application/json`","param":null,"type":"invalid_request_error"}}"#,
+        },
+        Case {
+            name: "broken JSON",
+            path: "/v1/chat/completions",
+            key: Some(ACME),
+            content_type: "application/json",
+            body: r#"{"model": "demo-chat", "messages": [}"#.to_owned(),
+            status: StatusCode::BAD_REQUEST,
+            expected: r#"{"error":{"code":"invalid_json","message":"invalid JSON body: expected value at line 1 column 37","param":null,"type":"invalid_request_error"}}"#,
+        },
+        Case {
+            name: "too deep",
+            path: "/v1/chat/completions",
+            key: Some(ACME),
+            content_type: "application/json",
+            body: format!(r#"{{"model":"demo-chat","x":{}{}}}"#, "[".repeat(40), "]".repeat(40)),
+            status: StatusCode::BAD_REQUEST,
+            expected: r#"{"error":{"code":"json_too_deep","message":"JSON nesting exceeds the limit of 32 levels","param":null,"type":"invalid_request_error"}}"#,
+        },
+        Case {
+            name: "no model",
+            path: "/v1/chat/completions",
+            key: Some(ACME),
+            content_type: "application/json",
+            body: r#"{"messages":[]}"#.to_owned(),
+            status: StatusCode::BAD_REQUEST,
+            expected: r#"{"error":{"code":"invalid_field","message":"you must provide a model parameter","param":"model","type":"invalid_request_error"}}"#,
+        },
+        Case {
+            name: "too large for the listener",
+            path: "/v1/chat/completions",
+            key: Some(ACME),
+            content_type: "application/json",
+            body: format!(r#"{{"model":"demo-chat","pad":"{}"}}"#, "x".repeat(70 * 1024)),
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            expected: r#"{"error":{"code":"request_too_large","message":"request body exceeds 65536 bytes","param":null,"type":"request_too_large"}}"#,
+        },
+        Case {
+            name: "too large for the model",
+            path: "/v2/models/fraud-scorer/infer",
+            key: Some(ACME),
+            content_type: "application/json",
+            body: fraud_body(200).to_string(),
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            expected: r#"{"error":"request body exceeds 2048 bytes"}"#,
+        },
+    ];
+
+    for case in &cases {
+        let mut req = client()
+            .post(format!("{}{}", gw.url, case.path))
+            .header("content-type", case.content_type)
+            .body(case.body.clone());
+        if let Some(key) = case.key {
+            req = req.bearer_auth(key);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), case.status, "{}", case.name);
+        assert_eq!(resp.headers()["content-type"], "application/json", "{}", case.name);
+        assert!(resp.headers().contains_key("x-request-id"), "{}", case.name);
+        let body = resp.text().await.unwrap();
+        assert_eq!(body, case.expected, "{}", case.name);
+    }
+
+    // Every rejection left exactly one audit record, with its reason.
+    let records = gw.audit(cases.len()).await;
+    assert_eq!(records.len(), cases.len());
+    for (record, case) in records.iter().zip(&cases) {
+        assert_eq!(record["status"], case.status.as_u16(), "{}", case.name);
+        assert!(record["reject_reason"].is_string(), "{}", case.name);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denials_tell_sdks_not_to_retry() {
+    let gw = demo_gateway().await;
+    let resp = client()
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .bearer_auth(GLOBEX)
+        .json(&chat_body("other-chat", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    assert_eq!(resp.headers()["x-should-retry"], "false");
+}

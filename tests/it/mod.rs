@@ -1,0 +1,11 @@
+//! Integration tests, one module per concern.
+
+mod audit;
+mod errors;
+mod examples;
+mod lifecycle;
+mod listener;
+mod openai_client;
+mod routes;
+mod streaming;
+mod upstream_failures;
