@@ -31,9 +31,8 @@ pub struct Running {
 /// Builds the runtime for `config` and starts both listeners. `config_path`
 /// is where reloads read from.
 pub async fn start(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<Running> {
-    let public = TcpListener::bind(config.listen.address)
-        .await
-        .with_context(|| format!("cannot bind the listener on {}", config.listen.address))?;
+    let public_address = config.listen.address;
+    let workers = config.listen.workers;
     let admin = TcpListener::bind(config.admin_address)
         .await
         .with_context(|| format!("cannot bind the admin listener on {}", config.admin_address))?;
@@ -44,21 +43,30 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     };
     let gateway = Arc::new(Gateway::new(Runtime::build(config, None).await?, config_path));
     let (shutdown, signal) = watch::channel(false);
-    let address = public.local_addr()?;
     let admin_address = admin.local_addr()?;
 
-    let mut listeners = JoinSet::new();
     let g = Arc::clone(&gateway);
-    listeners.spawn(server::serve(
-        public,
+    let (address, workers_done) = server::serve_on_workers(
+        public_address,
+        workers,
         options.clone(),
         Some(Arc::clone(&gateway.metrics)),
         move |req, peer| crate::pipeline::handle(Arc::clone(&g), req, peer),
         signal.clone(),
-    ));
+    )
+    .await
+    .with_context(|| format!("cannot bind the listener on {public_address}"))?;
+    let mut listeners = JoinSet::new();
+    for done in workers_done {
+        listeners.spawn(async move {
+            let _ = done.await;
+        });
+    }
     let g = Arc::clone(&gateway);
+    let admin_connections = Arc::new(tokio::sync::Semaphore::new(options.limits.max_connections));
     listeners.spawn(server::serve(
         admin,
+        admin_connections,
         ListenerOptions { tls: None, ..options },
         None,
         move |req, _peer| {
@@ -67,7 +75,7 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         },
         signal,
     ));
-    tracing::info!(%address, tls = gateway.runtime().config.listen.tls.is_some(), "listening");
+    tracing::info!(%address, workers, tls = gateway.runtime().config.listen.tls.is_some(), "listening");
     tracing::info!(address = %admin_address, "admin listening");
     Ok(Running {
         gateway,

@@ -56,7 +56,8 @@ impl Runtime {
         for model in config.models.values() {
             let up = &model.upstream;
             if !clients.contains_key(&up.name) {
-                let client = UpstreamClient::new(up).map_err(|e| BuildError::Client(up.name.clone(), e))?;
+                let client = UpstreamClient::new(up, config.listen.workers)
+                    .map_err(|e| BuildError::Client(up.name.clone(), e))?;
                 clients.insert(up.name.clone(), client);
             }
         }

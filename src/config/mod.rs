@@ -73,6 +73,8 @@ pub struct Listen {
     pub limits: ListenLimits,
     /// How long in-flight requests may run on after SIGTERM/SIGINT.
     pub shutdown_grace: Duration,
+    /// Worker threads, each with its own socket and upstream pools.
+    pub workers: usize,
     /// Whether OIP v2 health routes are answered without a credential.
     pub anonymous_health: bool,
 }
@@ -431,11 +433,14 @@ fn check_listen(raw: &raw::RawListen, base: &Path, errs: &mut Errors) -> Option<
         raw.shutdown_grace.as_deref(),
         DEFAULT_SHUTDOWN_GRACE,
     );
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let workers = errs.count("listen.workers", raw.workers, cpus);
     Some(Listen {
         address: address?,
         tls,
         limits,
         shutdown_grace,
+        workers,
         anonymous_health: raw.anonymous_health,
     })
 }

@@ -35,6 +35,10 @@ pub struct RawListen {
     /// Serve TLS (HTTP/1.1 and HTTP/2 by ALPN) instead of plain HTTP/1.1 + h2c.
     #[serde(default)]
     pub tls: Option<RawTls>,
+    /// Worker threads serving this listener, each with its own socket
+    /// (`SO_REUSEPORT`); defaults to the number of CPUs.
+    #[serde(default)]
+    pub workers: Option<usize>,
     /// Open connections beyond this wait in the kernel's accept queue.
     #[serde(default)]
     pub max_connections: Option<usize>,

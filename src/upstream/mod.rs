@@ -26,15 +26,31 @@ use crate::authz::Permit;
 use crate::config::Upstream;
 use crate::reject::Reject;
 
-/// A pooled client for one upstream.
+/// Pooled clients for one upstream, one per listener worker: a worker only
+/// uses connections its own runtime drives, so a request never wakes another
+/// thread.
 #[derive(Clone, Debug)]
 pub struct UpstreamClient {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    per_worker: Vec<Client<HttpsConnector<HttpConnector>, Full<Bytes>>>,
 }
 
 impl UpstreamClient {
-    /// A client honouring the upstream's connect timeout.
-    pub fn new(upstream: &Upstream) -> std::io::Result<UpstreamClient> {
+    /// Clients for `workers` listener workers, honouring the upstream's
+    /// connect timeout.
+    pub fn new(upstream: &Upstream, workers: usize) -> std::io::Result<UpstreamClient> {
+        let per_worker = (0..workers.max(1))
+            .map(|_| Self::pool(upstream))
+            .collect::<std::io::Result<_>>()?;
+        Ok(UpstreamClient { per_worker })
+    }
+
+    /// The pool of the worker this runs on.
+    fn pool_here(&self) -> &Client<HttpsConnector<HttpConnector>, Full<Bytes>> {
+        let index = crate::server::worker_index() % self.per_worker.len();
+        &self.per_worker[index]
+    }
+
+    fn pool(upstream: &Upstream) -> std::io::Result<Client<HttpsConnector<HttpConnector>, Full<Bytes>>> {
         let mut http = HttpConnector::new();
         http.set_connect_timeout(Some(upstream.connect_timeout));
         http.set_nodelay(true);
@@ -51,7 +67,7 @@ impl UpstreamClient {
             .pool_max_idle_per_host(256)
             .timer(hyper_util::rt::TokioTimer::new())
             .build(https);
-        Ok(UpstreamClient { client })
+        Ok(client)
     }
 }
 
@@ -122,7 +138,7 @@ pub async fn forward(
     }
 
     let sent = Instant::now();
-    let response = match tokio::time::timeout(upstream.first_byte_timeout, client.client.request(request)).await {
+    let response = match tokio::time::timeout(upstream.first_byte_timeout, client.pool_here().request(request)).await {
         Err(_) => return Err(Reject::UpstreamTimeout),
         Ok(Err(e)) => {
             tracing::warn!(upstream = %upstream.name, error = %e, "upstream request failed");
