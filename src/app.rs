@@ -25,14 +25,15 @@ pub struct Running {
     /// Where the admin listener is bound.
     pub admin_address: SocketAddr,
     shutdown: watch::Sender<bool>,
-    listeners: JoinSet<()>,
+    listeners: JoinSet<std::io::Result<()>>,
 }
 
 /// Builds the runtime for `config` and starts both listeners. `config_path`
 /// is where reloads read from.
 pub async fn start(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<Running> {
-    let public_address = config.listen.address;
-    let workers = config.listen.workers;
+    let public = TcpListener::bind(config.listen.address)
+        .await
+        .with_context(|| format!("cannot bind the listener on {}", config.listen.address))?;
     let admin = TcpListener::bind(config.admin_address)
         .await
         .with_context(|| format!("cannot bind the admin listener on {}", config.admin_address))?;
@@ -40,34 +41,33 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         tls: config.listen.tls.clone(),
         limits: config.listen.limits.clone(),
         shutdown_grace: config.listen.shutdown_grace,
+        workers: config.listen.workers,
     };
     let gateway = Arc::new(Gateway::new(Runtime::build(config, None).await?, config_path));
     let (shutdown, signal) = watch::channel(false);
     let admin_address = admin.local_addr()?;
 
+    let address = public.local_addr()?;
+    let workers = options.workers;
+
+    let mut listeners = JoinSet::new();
     let g = Arc::clone(&gateway);
-    let (address, workers_done) = server::serve_on_workers(
-        public_address,
-        workers,
+    listeners.spawn(server::serve(
+        public,
         options.clone(),
         Some(Arc::clone(&gateway.metrics)),
         move |req, peer| crate::pipeline::handle(Arc::clone(&g), req, peer),
         signal.clone(),
-    )
-    .await
-    .with_context(|| format!("cannot bind the listener on {public_address}"))?;
-    let mut listeners = JoinSet::new();
-    for done in workers_done {
-        listeners.spawn(async move {
-            let _ = done.await;
-        });
-    }
+    ));
+    // The admin listener answers a few cheap requests: one worker is plenty.
     let g = Arc::clone(&gateway);
-    let admin_connections = Arc::new(tokio::sync::Semaphore::new(options.limits.max_connections));
     listeners.spawn(server::serve(
         admin,
-        admin_connections,
-        ListenerOptions { tls: None, ..options },
+        ListenerOptions {
+            tls: None,
+            workers: 1,
+            ..options
+        },
         None,
         move |req, _peer| {
             let response = crate::admin::handle(&g, &req);
@@ -97,7 +97,13 @@ impl Running {
     /// Waits for both listeners to finish draining, then for every audit
     /// record to reach the disk.
     pub async fn wait(mut self) -> anyhow::Result<()> {
-        while self.listeners.join_next().await.is_some() {}
+        while let Some(joined) = self.listeners.join_next().await {
+            match joined {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "a listener failed"),
+                Err(e) => tracing::error!(error = %e, "a listener task panicked"),
+            }
+        }
         self.gateway
             .runtime()
             .audit

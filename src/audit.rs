@@ -26,7 +26,7 @@ pub struct AuditRecord<'a> {
     /// Record format version.
     pub v: u32,
     /// When the request arrived, RFC 3339 UTC.
-    pub time: String,
+    pub time: jiff::Timestamp,
     /// `x-request-id`, accepted from the client or generated.
     pub request_id: &'a str,
     /// Authenticated principal, absent when authentication failed.
@@ -38,7 +38,7 @@ pub struct AuditRecord<'a> {
     /// Tenant the caller acts for.
     pub tenant: Option<&'a str>,
     /// Address of the TCP peer.
-    pub client_ip: String,
+    pub client_ip: std::net::IpAddr,
     /// `User-Agent`, as sent.
     pub user_agent: Option<&'a str>,
     /// HTTP method.
@@ -69,15 +69,36 @@ pub struct AuditRecord<'a> {
     /// From sending upstream to the response head, in milliseconds.
     pub upstream_latency_ms: Option<f64>,
     /// Lowercase hex SHA-256 of the request body as received.
-    pub request_sha256: Option<&'a str>,
+    pub request_sha256: Option<Sha256Digest>,
     /// Request body length.
     pub request_bytes: u64,
     /// Lowercase hex SHA-256 of the response body bytes sent to the client.
-    pub response_sha256: String,
+    pub response_sha256: Sha256Digest,
     /// Response body length sent.
     pub response_bytes: u64,
     /// Token usage reported by the upstream, when present.
     pub usage: Option<Usage>,
+}
+
+/// A SHA-256 digest, serialized as lowercase hex.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sha256Digest(pub [u8; 32]);
+
+impl Sha256Digest {
+    /// The digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> Sha256Digest {
+        use sha2::Digest;
+        Sha256Digest(sha2::Sha256::digest(bytes).into())
+    }
+}
+
+impl Serialize for Sha256Digest {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut text = [0u8; 64];
+        // Both lengths are fixed, so encoding cannot fail.
+        hex::encode_to_slice(self.0, &mut text).map_err(serde::ser::Error::custom)?;
+        serializer.serialize_str(std::str::from_utf8(&text).map_err(serde::ser::Error::custom)?)
+    }
 }
 
 /// Token usage as the upstream reported it.

@@ -16,7 +16,7 @@ use http_body::{Body, Frame, SizeHint};
 use sha2::{Digest, Sha256};
 
 use crate::admin::metrics::Metrics;
-use crate::audit::{AuditLog, AuditRecord, RECORD_VERSION, Usage};
+use crate::audit::{AuditLog, AuditRecord, RECORD_VERSION, Sha256Digest, Usage};
 use crate::authn::Identity;
 use crate::config::Protocol;
 use crate::reject::Reject;
@@ -49,8 +49,8 @@ pub struct Exchange {
     pub upstream: Option<String>,
     /// Whether a streamed response was asked for.
     pub stream: bool,
-    /// SHA-256 of the request body, hex.
-    pub request_sha256: Option<String>,
+    /// SHA-256 of the request body.
+    pub request_sha256: Option<Sha256Digest>,
     /// Request body length.
     pub request_bytes: u64,
     /// Upstream response status.
@@ -102,15 +102,16 @@ impl Exchange {
 
     /// Records the request body's digest and length.
     pub fn record_request_body(&mut self, body: &[u8]) {
-        self.request_sha256 = Some(hex::encode(Sha256::digest(body)));
+        self.request_sha256 = Some(Sha256Digest::of(body));
         self.request_bytes = body.len() as u64;
     }
 }
 
 fn new_request_id() -> HeaderValue {
-    let id = uuid::Uuid::now_v7().simple().to_string();
+    let mut buf = [0u8; uuid::fmt::Simple::LENGTH];
+    let id = uuid::Uuid::now_v7().simple().encode_lower(&mut buf);
     // A simple UUID is 32 hex digits, always a valid header value.
-    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+    HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// How the response body ended.
@@ -157,20 +158,20 @@ impl Finisher {
         }
     }
 
-    fn finish(self, outcome: Outcome, response_sha256: String, response_bytes: u64, usage: Option<Usage>) {
+    fn finish(self, outcome: Outcome, response_sha256: Sha256Digest, response_bytes: u64, usage: Option<Usage>) {
         let ex = &self.exchange;
         let latency = ex.started.elapsed();
         let identity = ex.identity.as_ref();
         let reject = ex.reject.as_ref();
         self.audit.write(&AuditRecord {
             v: RECORD_VERSION,
-            time: ex.time.to_string(),
+            time: ex.time,
             request_id: ex.request_id.to_str().unwrap_or("invalid"),
             principal: identity.map(Identity::principal),
             auth_method: identity.map(|i| i.method.as_str()),
             key_id: identity.and_then(Identity::credential_id),
             tenant: identity.and_then(Identity::tenant),
-            client_ip: ex.peer.ip().to_string(),
+            client_ip: ex.peer.ip(),
             user_agent: ex.user_agent.as_deref(),
             method: ex.method.as_str(),
             path: &ex.path,
@@ -185,7 +186,7 @@ impl Finisher {
             upstream_status: ex.upstream_status,
             latency_ms: millis(latency),
             upstream_latency_ms: ex.upstream_latency.map(millis),
-            request_sha256: ex.request_sha256.as_deref(),
+            request_sha256: ex.request_sha256,
             request_bytes: ex.request_bytes,
             response_sha256,
             response_bytes,
@@ -278,7 +279,7 @@ impl ResponseBody {
         if let Source::Sse(sse) = &mut self.source {
             self.usage = sse.usage.usage().or(self.usage);
         }
-        let digest = hex::encode(std::mem::take(&mut self.hasher).finalize());
+        let digest = Sha256Digest(std::mem::take(&mut self.hasher).finalize().into());
         finisher.finish(self.outcome, digest, self.sent, self.usage);
     }
 }

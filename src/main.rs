@@ -8,6 +8,11 @@ use clap::{Parser, Subcommand};
 use warden::app;
 use warden::config::Config;
 
+// mimalloc: measurably fewer CPU cycles per request than glibc's allocator
+// for the many short-lived allocations of a proxy.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Warden: a secure gateway for AI model serving.
 #[derive(Debug, Parser)]
 #[command(version, about)]

@@ -2,16 +2,23 @@
 //! HTTP/1.1 with h2c, the limits every connection is held to, and graceful
 //! shutdown.
 //!
+//! One accept loop per listener hands each connection to one of its worker
+//! threads, round robin. Each worker runs a single-threaded runtime and
+//! serves its connections start to finish, upstream calls included, so a
+//! request never changes threads: on the multi-threaded scheduler the
+//! cross-thread wake-ups cost more than the whole pipeline at high request
+//! rates (measured: a quarter of the gateway's CPU).
+//!
 //! Limits enforced here: open connections (`max_connections`; beyond it new
 //! connections wait in the kernel's accept queue), request head size and
-//! header count (431 from hyper), the time to send the request head (the
-//! connection is closed; the first request head, TLS handshake included,
-//! must arrive within the same time) and the TLS handshake time. Body size and body
-//! time are enforced where the body is read (`request`).
+//! header count (431 from hyper), and the time to send the request head:
+//! hyper closes a connection whose head is late, and the first request head,
+//! TLS handshake included, must arrive within the same time. Body size and
+//! body time are enforced where the body is read (`request`).
 //!
-//! On shutdown the listener stops accepting, every connection is told to
-//! finish (HTTP/1.1 closes after the response in flight, HTTP/2 sends
-//! GOAWAY), and in-flight requests and streams get until the deadline.
+//! On shutdown the accept loop stops, every connection is told to finish
+//! (HTTP/1.1 closes after the response in flight, HTTP/2 sends GOAWAY), and
+//! in-flight requests and streams get until the deadline.
 
 use std::cell::Cell;
 use std::convert::Infallible;
@@ -25,9 +32,9 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, oneshot, watch};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
 use crate::admin::metrics::Metrics;
 use crate::config::ListenLimits;
@@ -41,6 +48,8 @@ pub struct ListenerOptions {
     pub limits: ListenLimits,
     /// On shutdown, how long connections may take to finish.
     pub shutdown_grace: Duration,
+    /// Worker threads serving the connections.
+    pub workers: usize,
 }
 
 /// A shutdown signal shared by every listener: flips to `true` once.
@@ -50,83 +59,107 @@ thread_local! {
     static WORKER: Cell<usize> = const { Cell::new(0) };
 }
 
-/// The index of the listener worker thread this code runs on (0 elsewhere).
+/// The index of the worker thread this code runs on (0 elsewhere).
 /// Per-worker state, such as upstream connection pools, is picked with it.
 pub fn worker_index() -> usize {
     WORKER.with(Cell::get)
 }
 
-/// Serves `address` on `workers` threads, each with its own single-threaded
-/// runtime and its own `SO_REUSEPORT` socket, so the kernel spreads
-/// connections across them and a request never changes threads: the
-/// multi-threaded scheduler's cross-thread wake-ups cost more than the whole
-/// pipeline at high request rates (measured: a quarter of the CPU). Returns
-/// the bound address and a receiver per worker that resolves when it has
-/// drained.
-pub async fn serve_on_workers<H, Fut, B>(
-    address: SocketAddr,
-    workers: usize,
+/// An accepted connection on its way to a worker; the permit holds its
+/// place under `max_connections` until the connection closes.
+struct Accepted {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+}
+
+/// Serves `listener` until `shutdown` flips, then drains connections for at
+/// most the grace period. `handle` answers each request. Resolves when every
+/// worker has drained.
+pub async fn serve<H, Fut, B>(
+    listener: TcpListener,
     options: ListenerOptions,
     metrics: Option<Arc<Metrics>>,
     handle: H,
-    shutdown: ShutdownSignal,
-) -> std::io::Result<(SocketAddr, Vec<oneshot::Receiver<()>>)>
+    mut shutdown: ShutdownSignal,
+) -> std::io::Result<()>
 where
     H: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let first = reuseport_listener(address)?;
-    let bound = first.local_addr()?;
-    let mut listeners = vec![first];
-    for _ in 1..workers.max(1) {
-        listeners.push(reuseport_listener(bound)?);
-    }
-    let connections = Arc::new(Semaphore::new(options.limits.max_connections));
-    let mut done = Vec::with_capacity(listeners.len());
-    for (index, listener) in listeners.into_iter().enumerate() {
-        let (finished, wait) = oneshot::channel();
+    let mut workers = Vec::new();
+    let mut drained = Vec::new();
+    for index in 0..options.workers.max(1) {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let (done, wait) = oneshot::channel();
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let (options, metrics, handle, shutdown) = (options.clone(), metrics.clone(), handle.clone(), shutdown.clone());
-        let connections = Arc::clone(&connections);
+        let worker = run_worker(
+            receiver,
+            options.clone(),
+            metrics.clone(),
+            handle.clone(),
+            shutdown.clone(),
+        );
         std::thread::Builder::new()
             .name(format!("warden-worker-{index}"))
             .spawn(move || {
                 WORKER.with(|w| w.set(index));
-                runtime.block_on(async move {
-                    match TcpListener::from_std(listener) {
-                        Ok(listener) => serve(listener, connections, options, metrics, handle, shutdown).await,
-                        Err(e) => tracing::error!(error = %e, "worker could not register its listener"),
-                    }
-                });
-                let _ = finished.send(());
+                runtime.block_on(worker);
+                let _ = done.send(());
             })?;
-        done.push(wait);
+        workers.push(sender);
+        drained.push(wait);
     }
-    Ok((bound, done))
+
+    let connections = Arc::new(Semaphore::new(options.limits.max_connections));
+    let mut next = 0;
+    loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(&connections).acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            () = stopped(&mut shutdown) => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stopped(&mut shutdown) => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepted connection could not be handed to a worker");
+                continue;
+            }
+        };
+        if let Some(worker) = workers.get(next % workers.len()) {
+            let _ = worker.send(Accepted { stream, peer, permit });
+        }
+        next = next.wrapping_add(1);
+    }
+    drop(listener);
+    drop(workers);
+    for wait in drained {
+        let _ = wait.await;
+    }
+    Ok(())
 }
 
-fn reuseport_listener(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let socket = if address.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
-    socket.set_nodelay(true)?;
-    socket.bind(address)?;
-    let listener = socket.listen(1024)?.into_std()?;
-    Ok(listener)
-}
-
-/// Serves `listener` until `shutdown` flips, then drains connections for at
-/// most the grace period. `handle` answers each request; `connections` caps
-/// open connections (shared by every worker of a listener).
-pub async fn serve<H, Fut, B>(
-    listener: TcpListener,
-    connections: Arc<Semaphore>,
+/// One worker: serves the connections it is handed until shutdown, then
+/// drains them within the grace period.
+async fn run_worker<H, Fut, B>(
+    mut incoming: mpsc::UnboundedReceiver<Accepted>,
     options: ListenerOptions,
     metrics: Option<Arc<Metrics>>,
     handle: H,
@@ -151,88 +184,99 @@ pub async fn serve<H, Fut, B>(
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(256)
         .keep_alive_interval(Duration::from_secs(30));
-    let builder = Arc::new(builder);
-    let tls = options.tls.clone().map(tokio_rustls::TlsAcceptor::from);
-    let head_timeout = limits.header_read_timeout;
+    let connection = Connection {
+        builder: Arc::new(builder),
+        tls: options.tls.clone().map(tokio_rustls::TlsAcceptor::from),
+        head_timeout: limits.header_read_timeout,
+        metrics,
+    };
     let graceful = GracefulShutdown::new();
-
     loop {
-        let permit = tokio::select! {
-            permit = Arc::clone(&connections).acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break,
+        tokio::select! {
+            accepted = incoming.recv() => match accepted {
+                Some(accepted) => {
+                    let task = connection.clone().serve(accepted, handle.clone(), graceful.watcher());
+                    tokio::spawn(task);
+                }
+                None => break,
             },
             () = stopped(&mut shutdown) => break,
-        };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Usually out of file descriptors: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = stopped(&mut shutdown) => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let builder = Arc::clone(&builder);
-        let watcher = graceful.watcher();
-        let tls = tls.clone();
-        let handle = handle.clone();
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let _open = metrics.as_ref().map(|m| OpenConnection::new(Arc::clone(m)));
-            let started = Arc::new(AtomicBool::new(false));
-            let seen = Arc::clone(&started);
-            let service = hyper::service::service_fn(move |req| {
-                seen.store(true, Ordering::Relaxed);
-                let handle = handle.clone();
-                async move { Ok::<_, Infallible>(handle(req, peer).await) }
-            });
-            // hyper's header timeout starts only once HTTP/1 is detected: a
-            // client that sends nothing (or half an HTTP/2 preface) would hold
-            // its connection slot forever. The whole first request head must
-            // arrive within the head timeout, TLS handshake included.
-            let deadline = tokio::time::Instant::now() + head_timeout;
-            let result = match tls {
-                None => {
-                    let conn = watcher.watch(builder.serve_connection(TokioIo::new(stream), service));
-                    first_request_within(conn, deadline, &started).await
-                }
-                Some(acceptor) => {
-                    let tls_stream = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    };
-                    let conn = watcher.watch(builder.serve_connection(TokioIo::new(tls_stream), service));
-                    first_request_within(conn, deadline, &started).await
-                }
-            };
-            match result {
-                Some(Err(e)) => tracing::debug!(%peer, error = %e, "connection ended with an error"),
-                None => tracing::debug!(%peer, "no request within the header read timeout; closed"),
-                Some(Ok(())) => {}
-            }
-        });
+        }
     }
-
-    drop(listener);
     let grace = options.shutdown_grace;
     if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
         tracing::warn!(
             ?grace,
             "shutdown deadline passed with connections still open; closing them"
         );
+    }
+}
+
+/// What a worker needs to serve one connection.
+#[derive(Clone)]
+struct Connection {
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    head_timeout: Duration,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl Connection {
+    async fn serve<H, Fut, B>(self, accepted: Accepted, handle: H, watcher: Watcher)
+    where
+        H: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Response<B>> + Send + 'static,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let Accepted { stream, peer, permit } = accepted;
+        let _permit = permit;
+        let _open = self.metrics.as_ref().map(|m| OpenConnection::new(Arc::clone(m)));
+        let stream = match TcpStream::from_std(stream) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "connection could not be registered");
+                return;
+            }
+        };
+        let started = Arc::new(AtomicBool::new(false));
+        let seen = Arc::clone(&started);
+        let service = hyper::service::service_fn(move |req| {
+            seen.store(true, Ordering::Relaxed);
+            let handle = handle.clone();
+            async move { Ok::<_, Infallible>(handle(req, peer).await) }
+        });
+        // hyper's header timeout starts only once HTTP/1 is detected: a
+        // client that sends nothing (or half an HTTP/2 preface) would hold
+        // its connection slot forever. The whole first request head must
+        // arrive within the head timeout, TLS handshake included.
+        let deadline = tokio::time::Instant::now() + self.head_timeout;
+        let result = match &self.tls {
+            None => {
+                let conn = watcher.watch(self.builder.serve_connection(TokioIo::new(stream), service));
+                first_request_within(conn, deadline, &started).await
+            }
+            Some(acceptor) => {
+                let tls_stream = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                let conn = watcher.watch(self.builder.serve_connection(TokioIo::new(tls_stream), service));
+                first_request_within(conn, deadline, &started).await
+            }
+        };
+        match result {
+            Some(Err(e)) => tracing::debug!(%peer, error = %e, "connection ended with an error"),
+            None => tracing::debug!(%peer, "no request within the header read timeout; closed"),
+            Some(Ok(())) => {}
+        }
     }
 }
 

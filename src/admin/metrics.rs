@@ -16,8 +16,8 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     model: String,
-    status: String,
-    reason: String,
+    status: u16,
+    reason: &'static str,
 }
 
 /// Labels naming a model.
@@ -117,7 +117,7 @@ impl Metrics {
         &self,
         model: Option<&str>,
         status: u16,
-        reason: &str,
+        reason: &'static str,
         latency: Duration,
         upstream: Option<Duration>,
     ) {
@@ -126,8 +126,8 @@ impl Metrics {
         self.requests
             .get_or_create(&RequestLabels {
                 model: model.clone(),
-                status: status.to_string(),
-                reason: reason.to_owned(),
+                status,
+                reason,
             })
             .inc();
         let labels = ModelLabels { model };

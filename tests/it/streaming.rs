@@ -18,7 +18,7 @@ const LAST: &str = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\" l
     data: [DONE]\n\n";
 
 /// An SSE upstream that sends `FIRST`, waits for `release`, then sends the
-/// rest (or, with `stall`, sends nothing more for 3 s).
+/// events of `LAST` one by one (or, with `stall`, sends nothing more for 3 s).
 async fn pausing_upstream(release: Arc<Notify>, stall: bool) -> std::net::SocketAddr {
     spawn_upstream(move |_req| {
         let release = Arc::clone(&release);
@@ -31,7 +31,15 @@ async fn pausing_upstream(release: Arc<Notify>, stall: bool) -> std::net::Socket
                     return;
                 }
                 release.notified().await;
-                let _ = tx.send(Bytes::from_static(LAST.as_bytes())).await;
+                // One event at a time, with pauses: a write to a connection
+                // the client has closed only fails once the peer's reset is
+                // back, so a single final write could still "succeed".
+                for event in LAST.split_inclusive("\n\n") {
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    if tx.send(Bytes::from(event.to_owned())).await.is_err() {
+                        return;
+                    }
+                }
             });
             let stream = futures_util::stream::unfold(rx, |mut rx| async move {
                 rx.recv()
