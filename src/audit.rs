@@ -116,12 +116,16 @@ pub struct Usage {
 }
 
 impl Usage {
-    /// Reads `usage` from an OpenAI-style response object, if present.
-    pub fn from_response(value: &serde_json::Value) -> Option<Usage> {
-        value
-            .get("usage")
-            .filter(|u| u.is_object())
-            .and_then(|u| serde_json::from_value(u.clone()).ok())
+    /// Reads `usage` from an OpenAI-style response object (or stream
+    /// event), if present. Only `usage` is decoded: everything else is
+    /// skipped without being built into values.
+    pub fn from_json(bytes: &[u8]) -> Option<Usage> {
+        #[derive(serde::Deserialize)]
+        struct WithUsage {
+            #[serde(default)]
+            usage: Option<Usage>,
+        }
+        serde_json::from_slice::<WithUsage>(bytes).ok().and_then(|w| w.usage)
     }
 }
 

@@ -169,9 +169,7 @@ pub async fn forward(
 
     let bytes = collect(body, upstream.max_response_bytes, upstream.idle_timeout).await?;
     let usage = if parts.status.is_success() && is_json(&parts.headers) {
-        serde_json::from_slice::<serde_json::Value>(&bytes)
-            .ok()
-            .and_then(|v| Usage::from_response(&v))
+        Usage::from_json(&bytes)
     } else {
         None
     };

@@ -65,9 +65,7 @@ impl UsageScanner {
         if !contains(data, b"\"usage\"") {
             return;
         }
-        if let Ok(value) = serde_json::from_slice::<serde_json::Value>(data)
-            && let Some(usage) = Usage::from_response(&value)
-        {
+        if let Some(usage) = Usage::from_json(data) {
             self.usage = Some(usage);
         }
     }
