@@ -533,39 +533,37 @@ fn check_upstream(raw: &raw::RawUpstream, path: &str, base: &Path, errs: &mut Er
     if raw.credential.is_none() && raw.credential_header.is_some() {
         errs.push(&format!("{path}.credential_header"), "set without a credential");
     }
-    let upstream = Upstream {
-        name: raw.name.clone(),
-        scheme: http::uri::Scheme::HTTP,
-        authority: http::uri::Authority::from_static("invalid"),
-        path_prefix: String::new(),
-        credential,
-        connect_timeout: errs.duration(
-            &format!("{path}.connect_timeout"),
-            raw.connect_timeout.as_deref(),
-            DEFAULT_CONNECT_TIMEOUT,
-        ),
-        first_byte_timeout: errs.duration(
-            &format!("{path}.first_byte_timeout"),
-            raw.first_byte_timeout.as_deref(),
-            DEFAULT_FIRST_BYTE_TIMEOUT,
-        ),
-        idle_timeout: errs.duration(
-            &format!("{path}.idle_timeout"),
-            raw.idle_timeout.as_deref(),
-            DEFAULT_IDLE_TIMEOUT,
-        ),
-        max_response_bytes: errs.size(
-            &format!("{path}.max_response_bytes"),
-            raw.max_response_bytes.as_ref(),
-            DEFAULT_MAX_RESPONSE_BYTES,
-        ),
-    };
+    let connect_timeout = errs.duration(
+        &format!("{path}.connect_timeout"),
+        raw.connect_timeout.as_deref(),
+        DEFAULT_CONNECT_TIMEOUT,
+    );
+    let first_byte_timeout = errs.duration(
+        &format!("{path}.first_byte_timeout"),
+        raw.first_byte_timeout.as_deref(),
+        DEFAULT_FIRST_BYTE_TIMEOUT,
+    );
+    let idle_timeout = errs.duration(
+        &format!("{path}.idle_timeout"),
+        raw.idle_timeout.as_deref(),
+        DEFAULT_IDLE_TIMEOUT,
+    );
+    let max_response_bytes = errs.size(
+        &format!("{path}.max_response_bytes"),
+        raw.max_response_bytes.as_ref(),
+        DEFAULT_MAX_RESPONSE_BYTES,
+    );
     let (scheme, authority, path_prefix) = parts?;
-    (errs.0.len() == before).then_some(Upstream {
+    (errs.0.len() == before).then(|| Upstream {
+        name: raw.name.clone(),
         scheme,
         authority,
         path_prefix,
-        ..upstream
+        credential,
+        connect_timeout,
+        first_byte_timeout,
+        idle_timeout,
+        max_response_bytes,
     })
 }
 

@@ -177,10 +177,34 @@ pub fn full(body: impl Into<Bytes>) -> TestBody {
     http_body_util::Full::new(body.into()).boxed()
 }
 
+/// A `text/event-stream` response whose body is whatever is sent on `rx`,
+/// each message as its own frame, as it is sent.
+pub fn sse_response(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Response<TestBody> {
+    use http_body_util::BodyExt;
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, Infallible>(hyper::body::Frame::data(b)), rx))
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(http_body_util::StreamBody::new(stream).boxed())
+        .unwrap()
+}
+
 /// An address nothing listens on.
 pub async fn dead_address() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     listener.local_addr().unwrap()
+}
+
+/// `POST {gateway}{path}` with a JSON body and, if given, `Authorization: Bearer key`.
+pub async fn post(gw: &TestGateway, path: &str, key: Option<&str>, body: &Value) -> reqwest::Response {
+    let mut req = client().post(format!("{}{path}", gw.url)).json(body);
+    if let Some(key) = key {
+        req = req.bearer_auth(key);
+    }
+    req.send().await.unwrap()
 }
 
 /// A plain HTTP client (no retries, no compression).

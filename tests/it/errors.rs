@@ -185,13 +185,13 @@ async fn rejections_have_exact_status_and_body() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn denials_tell_sdks_not_to_retry() {
     let gw = demo_gateway().await;
-    let resp = client()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .bearer_auth(GLOBEX)
-        .json(&chat_body("other-chat", false))
-        .send()
-        .await
-        .unwrap();
+    let resp = post(
+        &gw,
+        "/v1/chat/completions",
+        Some(GLOBEX),
+        &chat_body("other-chat", false),
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     assert_eq!(resp.headers()["x-should-retry"], "false");
 }

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::StatusCode;
-use http_body_util::BodyExt;
 use serde_json::Value;
 use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
@@ -278,15 +277,7 @@ async fn held_stream_upstream(release: Arc<Notify>) -> SocketAddr {
                 release.notified().await;
                 let _ = tx.send(Bytes::from_static(REST.as_bytes())).await;
             });
-            let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-                rx.recv()
-                    .await
-                    .map(|b| (Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(b)), rx))
-            });
-            hyper::Response::builder()
-                .header("content-type", "text/event-stream")
-                .body(http_body_util::StreamBody::new(stream).boxed())
-                .unwrap()
+            sse_response(rx)
         }
     })
     .await

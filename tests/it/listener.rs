@@ -509,13 +509,7 @@ async fn each_model_has_its_own_body_limit() {
     let chat = json!({"model": "demo-chat", "messages": [{"role": "user", "content": text}]});
     let chat_len = serde_json::to_vec(&chat).unwrap().len();
     assert!((3 * 1024..4 * 1024).contains(&chat_len), "{chat_len}");
-    let resp = client()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .bearer_auth(ACME)
-        .json(&chat)
-        .send()
-        .await
-        .unwrap();
+    let resp = post(&gw, "/v1/chat/completions", Some(ACME), &chat).await;
     assert_chat_reply(resp).await;
 
     let records = gw.audit(4).await;

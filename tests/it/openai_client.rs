@@ -15,7 +15,6 @@ use async_openai::types::chat::{
 use async_openai::types::embeddings::CreateEmbeddingRequestArgs;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use http_body_util::BodyExt;
 use serde_json::Value;
 use tokio::sync::{Notify, mpsc};
 use tokio::time::timeout;
@@ -192,15 +191,7 @@ async fn a_stream_warden_cuts_off_is_an_error_in_the_sdk() {
                 let _ = timeout(Duration::from_secs(4), never.notified()).await;
                 drop(tx);
             });
-            let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-                rx.recv()
-                    .await
-                    .map(|b| (Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(b)), rx))
-            });
-            hyper::Response::builder()
-                .header("content-type", "text/event-stream")
-                .body(BodyExt::boxed(http_body_util::StreamBody::new(stream)))
-                .unwrap()
+            sse_response(rx)
         }
     })
     .await;

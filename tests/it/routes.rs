@@ -10,13 +10,7 @@ use crate::common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_completions_are_proxied() {
     let gw = demo_gateway().await;
-    let resp = client()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .bearer_auth(ACME)
-        .json(&chat_body("demo-chat", false))
-        .send()
-        .await
-        .unwrap();
+    let resp = post(&gw, "/v1/chat/completions", Some(ACME), &chat_body("demo-chat", false)).await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert!(resp.headers().contains_key("x-request-id"));
     let body: Value = resp.json().await.unwrap();
@@ -46,13 +40,13 @@ async fn completions_and_embeddings_are_proxied() {
             .contains("Say this is a test")
     );
 
-    let resp = client()
-        .post(format!("{}/v1/embeddings", gw.url))
-        .bearer_auth(ACME)
-        .json(&json!({"model": "demo-chat", "input": ["a", "b"], "dimensions": 16}))
-        .send()
-        .await
-        .unwrap();
+    let resp = post(
+        &gw,
+        "/v1/embeddings",
+        Some(ACME),
+        &json!({"model": "demo-chat", "input": ["a", "b"], "dimensions": 16}),
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::OK);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["data"].as_array().unwrap().len(), 2);

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::StatusCode;
-use http_body_util::BodyExt;
 use tokio::sync::{Notify, mpsc};
 
 use crate::common::*;
@@ -41,15 +40,7 @@ async fn pausing_upstream(release: Arc<Notify>, stall: bool) -> std::net::Socket
                     }
                 }
             });
-            let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-                rx.recv()
-                    .await
-                    .map(|b| (Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(b)), rx))
-            });
-            hyper::Response::builder()
-                .header("content-type", "text/event-stream")
-                .body(http_body_util::StreamBody::new(stream).boxed())
-                .unwrap()
+            sse_response(rx)
         }
     })
     .await
@@ -60,13 +51,7 @@ async fn first_event_arrives_before_the_upstream_sends_its_last() {
     let release = Arc::new(Notify::new());
     let upstream = pausing_upstream(Arc::clone(&release), false).await;
     let gw = TestGateway::start(&config(upstream, upstream, "")).await;
-    let mut resp = client()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .bearer_auth(ACME)
-        .json(&chat_body("demo-chat", true))
-        .send()
-        .await
-        .unwrap();
+    let mut resp = post(&gw, "/v1/chat/completions", Some(ACME), &chat_body("demo-chat", true)).await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     // The upstream is holding back everything after FIRST until released, so
@@ -97,13 +82,7 @@ async fn first_event_arrives_before_the_upstream_sends_its_last() {
 async fn a_silent_upstream_is_cut_off_with_an_error_event() {
     let upstream = pausing_upstream(Arc::new(Notify::new()), true).await;
     let gw = TestGateway::start(&config(upstream, upstream, "")).await;
-    let resp = client()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .bearer_auth(ACME)
-        .json(&chat_body("demo-chat", true))
-        .send()
-        .await
-        .unwrap();
+    let resp = post(&gw, "/v1/chat/completions", Some(ACME), &chat_body("demo-chat", true)).await;
     assert_eq!(resp.status(), StatusCode::OK);
     // idle_timeout is 500ms in the harness config; the upstream stalls for 3s.
     let body = tokio::time::timeout(Duration::from_secs(2), resp.bytes())
@@ -126,13 +105,7 @@ async fn a_client_that_hangs_up_mid_stream_is_still_audited() {
     let release = Arc::new(Notify::new());
     let upstream = pausing_upstream(Arc::clone(&release), false).await;
     let gw = TestGateway::start(&config(upstream, upstream, "")).await;
-    let mut resp = client()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .bearer_auth(ACME)
-        .json(&chat_body("demo-chat", true))
-        .send()
-        .await
-        .unwrap();
+    let mut resp = post(&gw, "/v1/chat/completions", Some(ACME), &chat_body("demo-chat", true)).await;
     let first = resp.chunk().await.unwrap().unwrap();
     assert_eq!(first, FIRST.as_bytes());
     drop(resp);
@@ -147,13 +120,7 @@ async fn a_client_that_hangs_up_mid_stream_is_still_audited() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_model_streams_with_usage() {
     let gw = demo_gateway().await;
-    let resp = client()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .bearer_auth(ACME)
-        .json(&chat_body("demo-chat", true))
-        .send()
-        .await
-        .unwrap();
+    let resp = post(&gw, "/v1/chat/completions", Some(ACME), &chat_body("demo-chat", true)).await;
     let text = resp.text().await.unwrap();
     let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
     assert!(events.len() > 3, "{text}");

@@ -11,26 +11,14 @@ use crate::common::*;
 async fn upstream_down_is_502() {
     let dead = dead_address().await;
     let gw = TestGateway::start(&config(dead, dead, "")).await;
-    let resp = client()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .bearer_auth(ACME)
-        .json(&chat_body("demo-chat", false))
-        .send()
-        .await
-        .unwrap();
+    let resp = post(&gw, "/v1/chat/completions", Some(ACME), &chat_body("demo-chat", false)).await;
     assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
     assert_eq!(resp.headers()["x-should-retry"], "true");
     assert_eq!(
         resp.text().await.unwrap(),
         r#"{"error":{"code":"upstream_unreachable","message":"the model server could not be reached","param":null,"type":"api_error"}}"#
     );
-    let resp = client()
-        .post(format!("{}/v2/models/fraud-scorer/infer", gw.url))
-        .bearer_auth(ACME)
-        .json(&fraud_body(1))
-        .send()
-        .await
-        .unwrap();
+    let resp = post(&gw, "/v2/models/fraud-scorer/infer", Some(ACME), &fraud_body(1)).await;
     assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
     assert_eq!(
         resp.text().await.unwrap(),
@@ -50,13 +38,7 @@ async fn upstream_too_slow_is_504() {
     .await;
     let gw = TestGateway::start(&config(slow, slow, "")).await;
     let started = Instant::now();
-    let resp = client()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .bearer_auth(ACME)
-        .json(&chat_body("demo-chat", false))
-        .send()
-        .await
-        .unwrap();
+    let resp = post(&gw, "/v1/chat/completions", Some(ACME), &chat_body("demo-chat", false)).await;
     assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
     // first_byte_timeout is 500ms in the harness config.
     assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
@@ -64,13 +46,7 @@ async fn upstream_too_slow_is_504() {
         resp.text().await.unwrap(),
         r#"{"error":{"code":"upstream_timeout","message":"the model server did not answer in time","param":null,"type":"api_error"}}"#
     );
-    let resp = client()
-        .post(format!("{}/v2/models/fraud-scorer/infer", gw.url))
-        .bearer_auth(ACME)
-        .json(&fraud_body(1))
-        .send()
-        .await
-        .unwrap();
+    let resp = post(&gw, "/v2/models/fraud-scorer/infer", Some(ACME), &fraud_body(1)).await;
     assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(
         resp.text().await.unwrap(),
@@ -88,13 +64,7 @@ async fn upstream_refusing_the_gateway_credential_is_not_a_client_auth_error() {
     })
     .await;
     let gw = TestGateway::start(&config(refusing, refusing, "")).await;
-    let resp = client()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .bearer_auth(ACME)
-        .json(&chat_body("demo-chat", false))
-        .send()
-        .await
-        .unwrap();
+    let resp = post(&gw, "/v1/chat/completions", Some(ACME), &chat_body("demo-chat", false)).await;
     assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "upstream_auth_failed");
