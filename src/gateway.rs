@@ -13,7 +13,8 @@ use arc_swap::ArcSwap;
 
 use crate::admin::metrics::Metrics;
 use crate::audit::AuditLog;
-use crate::authn::KeyIndex;
+use crate::authn::key_store::{KeyStore, KeyStoreError};
+use crate::authn::{KeyIndex, ManagedKeys};
 use crate::config::{Config, ConfigErrors};
 use crate::upstream::UpstreamClient;
 
@@ -28,6 +29,8 @@ pub struct Runtime {
     pub clients: HashMap<String, UpstreamClient>,
     /// The audit log.
     pub audit: Arc<AuditLog>,
+    /// Keys managed at run time, when a key store is configured.
+    pub managed_keys: Option<Arc<ManagedKeys>>,
 }
 
 /// Why a runtime could not be built.
@@ -42,6 +45,9 @@ pub enum BuildError {
     /// An upstream client could not be built.
     #[error("upstream `{0}`: {1}")]
     Client(String, std::io::Error),
+    /// The key store could not be opened or read.
+    #[error(transparent)]
+    KeyStore(#[from] KeyStoreError),
 }
 
 impl Runtime {
@@ -61,7 +67,17 @@ impl Runtime {
                 clients.insert(up.name.clone(), client);
             }
         }
+        let managed_keys = match (&config.key_store, previous) {
+            (None, _) => None,
+            // The same store: keep its cache and refresher.
+            (Some(store), Some(p)) if p.config.key_store.as_ref() == Some(store) => p.managed_keys.clone(),
+            (Some(store), _) => {
+                let opened = KeyStore::open(&store.url).await?;
+                Some(ManagedKeys::start(opened, store.refresh_interval).await?)
+            }
+        };
         Ok(Runtime {
+            managed_keys,
             keys: KeyIndex::new(&config.api_keys),
             config,
             clients,

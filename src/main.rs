@@ -51,11 +51,64 @@ enum Command {
         #[arg(long)]
         audit_dir: Option<PathBuf>,
     },
+    /// Manage API keys in the configuration's key store.
+    Keys {
+        /// Path of the YAML configuration (its `key_store` is used).
+        #[arg(long, short)]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: KeysAction,
+    },
     /// Check a configuration file and report every error in it.
     Check {
         /// Path of the YAML configuration.
         #[arg(long, short)]
         config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysAction {
+    /// Create a key; it is printed once and never again.
+    Create {
+        /// Who the key belongs to.
+        #[arg(long)]
+        principal: String,
+        /// Tenant the key acts for (repeat for several; the first is the default).
+        #[arg(long = "tenant", required = true)]
+        tenants: Vec<String>,
+        /// Service tier.
+        #[arg(long)]
+        tier: Option<String>,
+        /// Model the key may call (repeat; `*` for all).
+        #[arg(long = "model", required = true)]
+        models: Vec<String>,
+        /// Scope granted (repeat).
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// Lifetime, e.g. `90d`.
+        #[arg(long)]
+        expires_in: Option<humantime::Duration>,
+    },
+    /// List every key (never the keys themselves).
+    List,
+    /// Show one key's record.
+    Show {
+        /// Key id.
+        kid: String,
+    },
+    /// Revoke a key on every instance sharing the store.
+    Revoke {
+        /// Key id.
+        kid: String,
+    },
+    /// Replace a key; the old one keeps working for the rotation overlap.
+    Rotate {
+        /// Key id.
+        kid: String,
+        /// Overrides `key_store.rotation_overlap`, e.g. `1h`.
+        #[arg(long)]
+        overlap: Option<humantime::Duration>,
     },
 }
 
@@ -67,6 +120,7 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Check { config } => check(&config),
+        Command::Keys { config, action } => run(keys(config, action)),
         Command::Serve { config } => run(serve(config)),
         Command::Demo {
             listen,
@@ -139,9 +193,60 @@ async fn demo(addresses: app::DemoAddresses, audit_dir: Option<PathBuf>) -> anyh
     running.run_until_signal().await
 }
 
+async fn keys(path: PathBuf, action: KeysAction) -> anyhow::Result<()> {
+    use warden::authn::key_store::{KeySpec, KeyStore};
+    let config = Config::load(&path).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
+    let settings = config
+        .key_store
+        .ok_or_else(|| anyhow::anyhow!("{} has no `key_store` section", path.display()))?;
+    let store = KeyStore::open(&settings.url).await?;
+    match action {
+        KeysAction::Create {
+            principal,
+            tenants,
+            tier,
+            models,
+            scopes,
+            expires_in,
+        } => {
+            let spec = KeySpec {
+                principal,
+                tenants,
+                tier,
+                models,
+                scopes,
+                expires_in: expires_in.map(Into::into),
+            };
+            let (new, record) = store.create(&spec).await?;
+            print(&serde_json::json!({ "key": new.key, "record": record }));
+            eprintln!("The key is shown once: store it now. Only its SHA-256 is kept.");
+        }
+        KeysAction::List => print(&store.list().await?),
+        KeysAction::Show { kid } => print(&store.show(&kid).await?),
+        KeysAction::Revoke { kid } => print(&store.revoke(&kid).await?),
+        KeysAction::Rotate { kid, overlap } => {
+            let overlap = overlap.map_or(settings.rotation_overlap, Into::into);
+            let (new, record) = store.rotate(&kid, overlap).await?;
+            print(
+                &serde_json::json!({ "key": new.key, "record": record, "old_key_valid_for_secs": overlap.as_secs() }),
+            );
+            eprintln!("The new key is shown once: store it now.");
+        }
+    }
+    Ok(())
+}
+
+/// Prints what a keys command returns, as pretty JSON.
+fn print<T: serde::Serialize>(value: &T) {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => println!("{text}"),
+        Err(e) => eprintln!("error: cannot print the result: {e}"),
+    }
+}
+
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -187,7 +187,7 @@ fn authenticate(rt: &Runtime, route: &Route, headers: &http::HeaderMap) -> Resul
     if probe && rt.config.listen.anonymous_health && !crate::authn::has_credential(headers) {
         return Ok(Identity::anonymous());
     }
-    rt.keys.authenticate(headers)
+    rt.keys.authenticate(headers, rt.managed_keys.as_deref())
 }
 
 fn find_model(rt: &Runtime, name: &str, protocol: Protocol) -> Result<Arc<ModelEndpoint>, Reject> {

@@ -60,6 +60,34 @@ pub struct Config {
     pub models: HashMap<String, Arc<ModelEndpoint>>,
     /// API keys.
     pub api_keys: Vec<ApiKey>,
+    /// The managed-key store, if keys are managed at run time.
+    pub key_store: Option<KeyStoreConfig>,
+}
+
+/// Where managed keys live and how fast changes spread.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeyStoreConfig {
+    /// `sqlite://PATH` or a PostgreSQL URL (which may hold a password).
+    pub url: String,
+    /// How often the store is polled for changes.
+    pub refresh_interval: Duration,
+    /// How long a rotated key keeps working.
+    pub rotation_overlap: Duration,
+}
+
+impl fmt::Debug for KeyStoreConfig {
+    // INVARIANT: a database password never reaches a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = if self.url.starts_with("sqlite:") {
+            "sqlite"
+        } else {
+            "postgres"
+        };
+        f.debug_struct("KeyStoreConfig")
+            .field("kind", &kind)
+            .field("refresh_interval", &self.refresh_interval)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The public listener.
@@ -311,6 +339,8 @@ impl Config {
             }
         }
 
+        let key_store = raw.key_store.as_ref().and_then(|k| check_key_store(k, base, &mut errs));
+
         match (listen, admin_address, audit_file) {
             (Some(listen), Some(admin_address), Some(audit_file)) if errs.0.is_empty() => Ok(Config {
                 listen,
@@ -318,6 +348,7 @@ impl Config {
                 audit_file,
                 models,
                 api_keys,
+                key_store,
             }),
             _ => Err(ConfigErrors(errs.0)),
         }
@@ -728,6 +759,39 @@ fn check_api_key(
         tenant: raw.tenant.clone(),
         tier: raw.tier.clone(),
         models: grant,
+    })
+}
+
+fn check_key_store(raw: &raw::RawKeyStore, base: &Path, errs: &mut Errors) -> Option<KeyStoreConfig> {
+    let refresh_interval = errs.duration(
+        "key_store.refresh_interval",
+        raw.refresh_interval.as_deref(),
+        Duration::from_secs(1),
+    );
+    let rotation_overlap = errs.duration(
+        "key_store.rotation_overlap",
+        raw.rotation_overlap.as_deref(),
+        Duration::from_secs(24 * 3600),
+    );
+    let url = match (&raw.sqlite, &raw.postgres) {
+        (Some(path), None) => format!("sqlite://{}", resolve(base, path).display()),
+        (None, Some(secret)) => {
+            let url = read_secret(secret, "key_store.postgres", base, errs)?;
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                errs.push("key_store.postgres", "must be a `postgres://` URL");
+                return None;
+            }
+            url
+        }
+        _ => {
+            errs.push("key_store", "give exactly one of `sqlite` or `postgres`");
+            return None;
+        }
+    };
+    Some(KeyStoreConfig {
+        url,
+        refresh_interval,
+        rotation_overlap,
     })
 }
 

@@ -24,6 +24,29 @@ pub struct RawConfig {
     /// API keys, declared by the SHA-256 of the key.
     #[serde(default)]
     pub api_keys: Vec<RawApiKey>,
+    /// Where keys created at run time (`warden keys create`) are kept.
+    #[serde(default)]
+    pub key_store: Option<RawKeyStore>,
+}
+
+/// The store of managed API keys: exactly one of `sqlite` or `postgres`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKeyStore {
+    /// Path of a SQLite file (created if missing), for a single instance.
+    #[serde(default)]
+    pub sqlite: Option<String>,
+    /// PostgreSQL URL, by reference (it may hold a password), for several
+    /// instances sharing keys.
+    #[serde(default)]
+    pub postgres: Option<RawSecret>,
+    /// How often each instance checks the store for changes; a revocation
+    /// takes effect within about this long everywhere. Default `1s`.
+    #[serde(default)]
+    pub refresh_interval: Option<String>,
+    /// How long a rotated key keeps working beside its replacement. Default `24h`.
+    #[serde(default)]
+    pub rotation_overlap: Option<String>,
 }
 
 /// The public listener and its limits.

@@ -242,3 +242,24 @@ pub fn fraud_body(n: usize) -> Value {
 }
 
 pub type Shared<T> = Arc<tokio::sync::Mutex<T>>;
+
+/// The URL of a fresh, empty PostgreSQL schema in database `test` on
+/// 127.0.0.1:5432, or `None` when PostgreSQL is not running here and this is
+/// not CI (where it must run, so the test fails instead of skipping).
+pub async fn fresh_postgres() -> Option<String> {
+    let base = "postgres://postgres@127.0.0.1:5432/test";
+    let pool = match sqlx::PgPool::connect(base).await {
+        Ok(pool) => pool,
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!("SKIPPED: PostgreSQL is not reachable at {base} ({e}); CI runs this test");
+            return None;
+        }
+        Err(e) => panic!("PostgreSQL must be running for CI: {e}"),
+    };
+    let schema = format!("warden_test_{}", uuid::Uuid::now_v7().simple());
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&pool)
+        .await
+        .unwrap();
+    Some(format!("{base}?options=-c%20search_path%3D{schema}"))
+}

@@ -3,6 +3,7 @@
 mod audit;
 mod errors;
 mod examples;
+mod keys;
 mod lifecycle;
 mod listener;
 mod openai_client;

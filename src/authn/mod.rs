@@ -1,8 +1,13 @@
 //! Stage 1, authenticate: who is calling. This stage knows API keys; it reads
 //! the key from `Authorization: Bearer` or `x-api-key`, hashes it and finds
-//! the configured key with that SHA-256 in constant time.
+//! the key with that SHA-256 in constant time.
 //!
-//! Keys are indexed by the first 8 bytes of their digest so the lookup does not
+//! Keys come from two places: declared in the configuration by their digest,
+//! and managed at run time in a key store ([`key_store`], [`managed`]). A
+//! managed key carries its id in its text ([`key_format`]), which finds its
+//! record directly; its digest is then compared in constant time.
+//!
+//! Configured keys are indexed by the first 8 bytes of their digest so the lookup does not
 //! scan every key; the full 32-byte digest is then compared with
 //! `subtle::ConstantTimeEq`. The index lookup can only reveal whether a key
 //! exists whose digest shares a prefix with the digest of the guess, which
@@ -17,6 +22,12 @@ use subtle::ConstantTimeEq;
 
 use crate::config::{ApiKey, ModelGrant};
 use crate::reject::Reject;
+
+pub mod key_format;
+pub mod key_store;
+pub mod managed;
+
+pub use managed::ManagedKeys;
 
 /// How a caller proved who they are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,10 +106,25 @@ impl KeyIndex {
         KeyIndex { by_prefix }
     }
 
-    /// Authenticates a request by its headers.
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Identity, Reject> {
+    /// Authenticates a request by its headers, against the configured keys
+    /// and, when there is a key store, the managed ones.
+    pub fn authenticate(&self, headers: &HeaderMap, managed: Option<&ManagedKeys>) -> Result<Identity, Reject> {
         let presented = presented_key(headers)?;
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        if let (Some(managed), Some(kid)) = (managed, key_format::kid_of(presented))
+            && let Some(found) = managed.get(kid)
+        {
+            if bool::from(found.key.digest.ct_eq(&digest)) {
+                found
+                    .last_used
+                    .store(key_store::now_secs(), std::sync::atomic::Ordering::Relaxed);
+                return Ok(Identity {
+                    method: AuthMethod::ApiKey,
+                    key: Some(Arc::clone(&found.key)),
+                });
+            }
+            return Err(Reject::InvalidCredential);
+        }
         let candidates = self.by_prefix.get(&prefix(&digest)).map_or(&[][..], Vec::as_slice);
         let mut found = None;
         // INVARIANT: every candidate is compared, so the time taken does not
@@ -211,7 +237,7 @@ mod tests {
         ];
         for (pairs, want) in cases {
             let got = index
-                .authenticate(&headers(pairs))
+                .authenticate(&headers(pairs), None)
                 .map(|i| i.credential_id().unwrap().to_owned());
             assert_eq!(got.as_deref().map_err(Clone::clone), want.clone(), "headers {pairs:?}");
         }
