@@ -69,10 +69,7 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
             ..options
         },
         None,
-        move |req, _peer| {
-            let response = crate::admin::handle(&g, &req);
-            async move { response }
-        },
+        move |req, _peer| crate::admin::handle(Arc::clone(&g), req),
         signal,
     ));
     tracing::info!(%address, workers, tls = gateway.runtime().config.listen.tls.is_some(), "listening");

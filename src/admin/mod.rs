@@ -1,20 +1,27 @@
 //! The operations listener: `/healthz` (the process is up), `/readyz` (it
-//! serves traffic; 503 while draining) and `/metrics` (Prometheus). It binds
-//! to loopback by default and serves no model traffic.
+//! serves traffic; 503 while draining), `/metrics` (Prometheus), and the
+//! admin API under `/admin/v1/` ([`keys`]), which needs the admin token. It
+//! binds to loopback by default and serves no model traffic.
 
+pub mod keys;
 pub mod metrics;
 
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
+use hyper::body::Incoming;
 
 use crate::gateway::Gateway;
 
 /// Answers one operations request.
-pub fn handle<B>(gateway: &Arc<Gateway>, req: &Request<B>) -> Response<Full<Bytes>> {
-    let (status, content_type, body) = match (req.method(), req.uri().path()) {
+pub async fn handle(gateway: Arc<Gateway>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_owned();
+    if path.starts_with("/admin/") {
+        return keys::handle(&gateway, req).await;
+    }
+    let (status, content_type, body) = match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
         (&Method::GET, "/readyz") if gateway.is_ready() => {
             (StatusCode::OK, "text/plain", Bytes::from_static(b"ready\n"))
@@ -31,10 +38,14 @@ pub fn handle<B>(gateway: &Arc<Gateway>, req: &Request<B>) -> Response<Full<Byte
         ),
         _ => (StatusCode::NOT_FOUND, "text/plain", Bytes::from_static(b"not found\n")),
     };
+    reply(status, content_type, body)
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
     response
         .headers_mut()
-        .insert(header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }

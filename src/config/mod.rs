@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Uri};
 use raw::{RawConfig, RawSecret, RawSize};
+use sha2::Digest;
 
 /// Every error found in one configuration file.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +55,8 @@ pub struct Config {
     pub listen: Listen,
     /// The operations listener address.
     pub admin_address: SocketAddr,
+    /// SHA-256 of the admin API token; the admin API is off without one.
+    pub admin_token_sha256: Option<[u8; 32]>,
     /// Audit log file.
     pub audit_file: PathBuf,
     /// Model endpoints by the name clients use.
@@ -288,6 +291,15 @@ impl Config {
         let mut errs = Errors::default();
         let listen = check_listen(&raw.listen, base, &mut errs);
         let admin_address = errs.socket_addr("admin.address", &raw.admin.address);
+        // Only the digest is kept: the token itself is dropped here.
+        let admin_token_sha256 = raw.admin.token.as_ref().and_then(|t| {
+            let token = read_secret(t, "admin.token", base, &mut errs)?;
+            if token.len() < 32 {
+                errs.push("admin.token", "must be at least 32 characters");
+                return None;
+            }
+            Some(<[u8; 32]>::from(sha2::Sha256::digest(token.as_bytes())))
+        });
         let audit_file = if raw.audit.file.trim().is_empty() {
             errs.push("audit.file", "must name a file");
             None
@@ -345,6 +357,7 @@ impl Config {
             (Some(listen), Some(admin_address), Some(audit_file)) if errs.0.is_empty() => Ok(Config {
                 listen,
                 admin_address,
+                admin_token_sha256,
                 audit_file,
                 models,
                 api_keys,

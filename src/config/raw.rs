@@ -109,12 +109,17 @@ pub struct RawAdmin {
     /// `host:port`; loopback by default so metrics are not exposed by accident.
     #[serde(default = "default_admin_address")]
     pub address: String,
+    /// Bearer token for the admin API (`/admin/v1/…`), by reference. Without
+    /// it the admin API is off; health and metrics need no token.
+    #[serde(default)]
+    pub token: Option<RawSecret>,
 }
 
 impl Default for RawAdmin {
     fn default() -> Self {
         Self {
             address: default_admin_address(),
+            token: None,
         }
     }
 }

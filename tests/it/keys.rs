@@ -259,3 +259,132 @@ async fn cli_round_trip() {
     .await
     .expect("the revoked key still worked");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_round_trip() {
+    let (chat, fraud) = demo_upstreams().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = "admin-token-0123456789abcdef0123456789abcdef";
+    std::fs::write(dir.path().join("admin.token"), token).unwrap();
+    let yaml = with_store(
+        &config(chat, fraud, ""),
+        &format!("  sqlite: {}", dir.path().join("keys.db").display()),
+    )
+    .replacen(
+        "admin:\n  address: 127.0.0.1:0",
+        &format!(
+            "admin:\n  address: 127.0.0.1:0\n  token: {{ file: {} }}",
+            dir.path().join("admin.token").display()
+        ),
+        1,
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let admin = |method: reqwest::Method, path: &str, token: Option<&str>| {
+        let mut req = client().request(method, format!("{}{path}", gw.admin_url));
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        req
+    };
+
+    // No token, a wrong token: 401; health and metrics stay open.
+    let resp = admin(reqwest::Method::GET, "/admin/v1/keys", None)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let resp = admin(reqwest::Method::GET, "/admin/v1/keys", Some("wrong"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let resp = admin(reqwest::Method::GET, "/healthz", None).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    let resp = admin(reqwest::Method::POST, "/admin/v1/keys", Some(token))
+        .json(&serde_json::json!({"principal": "gina@acme.example", "tenants": ["acme"], "models": ["demo-chat"], "expires_in": "1d"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let created: serde_json::Value = resp.json().await.unwrap();
+    let key = created["key"].as_str().unwrap().to_owned();
+    let kid = created["record"]["kid"].as_str().unwrap().to_owned();
+    eventually(Duration::from_secs(2), || async {
+        status_with(&gw, &key).await == StatusCode::OK
+    })
+    .await
+    .expect("the key made through the admin API was not accepted");
+
+    let listed: serde_json::Value = admin(reqwest::Method::GET, "/admin/v1/keys", Some(token))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed[0]["kid"], kid.as_str());
+    assert!(!listed.to_string().contains(&key));
+    let shown = admin(reqwest::Method::GET, &format!("/admin/v1/keys/{kid}"), Some(token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(shown.status(), StatusCode::OK);
+    let missing = admin(reqwest::Method::GET, "/admin/v1/keys/aaaaaaaaaaaa", Some(token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    let bad = admin(reqwest::Method::POST, "/admin/v1/keys", Some(token))
+        .json(&serde_json::json!({"principal": "x", "tenants": [], "models": ["*"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+
+    let rotated: serde_json::Value = admin(
+        reqwest::Method::POST,
+        &format!("/admin/v1/keys/{kid}/rotate"),
+        Some(token),
+    )
+    .json(&serde_json::json!({"overlap": "1h"}))
+    .send()
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_ne!(rotated["key"], created["key"]);
+    let revoked = admin(
+        reqwest::Method::POST,
+        &format!("/admin/v1/keys/{kid}/revoke"),
+        Some(token),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(revoked.status(), StatusCode::OK);
+    eventually(Duration::from_secs(2), || async {
+        status_with(&gw, &key).await == StatusCode::UNAUTHORIZED
+    })
+    .await
+    .expect("the revoked key still worked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_is_off_without_a_token() {
+    let (chat, fraud) = demo_upstreams().await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = with_store(
+        &config(chat, fraud, ""),
+        &format!("  sqlite: {}", dir.path().join("keys.db").display()),
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let resp = client()
+        .get(format!("{}/admin/v1/keys", gw.admin_url))
+        .bearer_auth("anything")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+}

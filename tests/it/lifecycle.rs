@@ -83,6 +83,8 @@ impl Served {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
+            // Debug logging, so tests can check what even verbose logs hold.
+            .env("RUST_LOG", "debug")
             .kill_on_drop(true)
             .spawn()
             .unwrap();
@@ -540,4 +542,65 @@ async fn demo_prints_commands_that_work() {
         .map(|l| serde_json::from_str::<Value>(l).unwrap()["status"].as_u64().unwrap())
         .collect();
     assert_eq!(statuses, [200, 200, 401, 403, 200], "{audit}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_key_or_admin_token_reaches_a_log_line_or_the_audit_log() {
+    let (chat, fraud) = demo_upstreams().await;
+    let (listen, admin) = (free_address(), free_address());
+    let secrets = tempfile::tempdir().unwrap();
+    let token = "admin-token-0123456789abcdef0123456789abcdef";
+    std::fs::write(secrets.path().join("admin.token"), token).unwrap();
+    let yaml = binary_config(chat, fraud, listen, admin, "").replace(
+        "api_keys:",
+        &format!(
+            "key_store:\n  sqlite: {}\n  refresh_interval: 200ms\napi_keys:",
+            secrets.path().join("keys.db").display()
+        ),
+    );
+    let yaml = yaml.replacen(
+        &format!("address: {admin}"),
+        &format!(
+            "address: {admin}\n  token: {{ file: {} }}",
+            secrets.path().join("admin.token").display()
+        ),
+        1,
+    );
+    let mut served = Served::start(&yaml, listen, admin).await;
+
+    let created: Value = fresh_client()
+        .post(format!("{}/admin/v1/keys", served.admin_url))
+        .bearer_auth(token)
+        .json(&serde_json::json!({"principal": "frank@acme.example", "tenants": ["acme"], "models": ["demo-chat"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = created["key"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while served.chat_status(&key).await != StatusCode::OK {
+        assert!(Instant::now() < deadline, "the new key was not accepted within 2 s");
+        sleep(Duration::from_millis(50)).await;
+    }
+    // A wrong key that looks right, and the demo key, for good measure.
+    let wrong = format!("{}x", &key[..key.len() - 1]);
+    assert_eq!(served.chat_status(&wrong).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(served.chat_status(ACME).await, StatusCode::OK);
+
+    served.signal("TERM");
+    let status = timeout(Duration::from_secs(10), served.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    let logs = served.stderr();
+    assert!(logs.contains("DEBUG"), "debug logging was on");
+    let audit: String = served.audit().iter().map(Value::to_string).collect();
+    assert!(audit.contains(created["record"]["kid"].as_str().unwrap()));
+    for secret in [key.as_str(), wrong.as_str(), ACME, token] {
+        assert!(!logs.contains(secret), "a secret is in the logs");
+        assert!(!audit.contains(secret), "a secret is in the audit log");
+    }
 }
