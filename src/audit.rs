@@ -60,6 +60,9 @@ pub struct AuditRecord<'a> {
     pub outcome: &'a str,
     /// Machine-readable reason when Warden refused or failed the request.
     pub reject_reason: Option<&'a str>,
+    /// Finer reason for the rejection, for the audit log only (e.g. why a
+    /// token was refused).
+    pub reject_detail: Option<String>,
     /// Who caused the failure, when there was one.
     pub fault: Option<Fault>,
     /// Status the upstream answered with.

@@ -182,6 +182,7 @@ impl Finisher {
             status: self.status,
             outcome: outcome.as_str(),
             reject_reason: reject.map(Reject::code),
+            reject_detail: reject.and_then(Reject::detail),
             fault: reject.map(Reject::fault),
             upstream_status: ex.upstream_status,
             latency_ms: millis(latency),

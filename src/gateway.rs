@@ -13,6 +13,7 @@ use arc_swap::ArcSwap;
 
 use crate::admin::metrics::Metrics;
 use crate::audit::AuditLog;
+use crate::authn::jwt::{Issuer, JwksCache, JwtVerifier, Keys};
 use crate::authn::key_store::{KeyStore, KeyStoreError};
 use crate::authn::{KeyIndex, ManagedKeys};
 use crate::config::{Config, ConfigErrors};
@@ -31,6 +32,8 @@ pub struct Runtime {
     pub audit: Arc<AuditLog>,
     /// Keys managed at run time, when a key store is configured.
     pub managed_keys: Option<Arc<ManagedKeys>>,
+    /// JWT issuers, when JWT bearer tokens are accepted.
+    pub jwt: Option<JwtVerifier>,
 }
 
 /// Why a runtime could not be built.
@@ -76,7 +79,32 @@ impl Runtime {
                 Some(ManagedKeys::start(opened, store.refresh_interval).await?)
             }
         };
+        let jwt = match &config.jwt {
+            None => None,
+            Some(settings) => {
+                let mut issuers = Vec::new();
+                for i in &settings.issuers {
+                    let keys = match &i.jwks_url {
+                        Some(url) => Keys::Jwks(JwksCache::start(url.clone(), i.min_refresh_interval).await),
+                        None => Keys::Static(i.static_keys.clone()),
+                    };
+                    issuers.push(Issuer {
+                        issuer: i.issuer.clone(),
+                        audiences: i.audiences.clone(),
+                        algorithms: i.algorithms.clone(),
+                        typ: i.typ.clone(),
+                        leeway: i.leeway,
+                        keys,
+                        tenant_claim: i.tenant_claim.clone(),
+                        tier_claim: i.tier_claim.clone(),
+                        models: i.models.clone(),
+                    });
+                }
+                Some(JwtVerifier::new(issuers, settings.max_token_bytes))
+            }
+        };
         Ok(Runtime {
+            jwt,
             managed_keys,
             keys: KeyIndex::new(&config.api_keys),
             config,

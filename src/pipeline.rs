@@ -50,7 +50,7 @@ async fn life_of_request(rt: &Runtime, ex: &mut Exchange, req: Request<Incoming>
     ex.protocol = route.protocol;
 
     // 1 authenticate: every request, unless the route is an anonymous probe.
-    let identity = authenticate(rt, &route, &parts.headers)?;
+    let identity = authenticate(rt, &route, &parts.headers).await?;
     ex.identity = Some(identity.clone());
 
     match route.operation {
@@ -182,12 +182,12 @@ fn note_model(ex: &mut Exchange, model: &ModelEndpoint) {
     ex.upstream = Some(model.upstream.name.clone());
 }
 
-fn authenticate(rt: &Runtime, route: &Route, headers: &http::HeaderMap) -> Result<Identity, Reject> {
+async fn authenticate(rt: &Runtime, route: &Route, headers: &http::HeaderMap) -> Result<Identity, Reject> {
     let probe = matches!(route.operation, Operation::Live | Operation::Ready);
     if probe && rt.config.listen.anonymous_health && !crate::authn::has_credential(headers) {
         return Ok(Identity::anonymous());
     }
-    rt.keys.authenticate(headers, rt.managed_keys.as_deref())
+    crate::authn::authenticate(headers, &rt.keys, rt.managed_keys.as_deref(), rt.jwt.as_ref()).await
 }
 
 fn find_model(rt: &Runtime, name: &str, protocol: Protocol) -> Result<Arc<ModelEndpoint>, Reject> {

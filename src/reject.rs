@@ -17,6 +17,9 @@ pub enum Reject {
     /// The credential matches no key.
     #[error("invalid API key")]
     InvalidCredential,
+    /// A bearer JWT failed a check; the reason is audited, not returned.
+    #[error("invalid bearer token")]
+    InvalidToken(crate::authn::jwt::TokenError),
     /// `Authorization` and `x-api-key` carry different keys.
     #[error("conflicting credentials: `Authorization` and `x-api-key` differ")]
     ConflictingCredentials,
@@ -95,9 +98,10 @@ impl Reject {
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {
-            Reject::MissingCredential | Reject::InvalidCredential | Reject::ConflictingCredentials => {
-                StatusCode::UNAUTHORIZED
-            }
+            Reject::MissingCredential
+            | Reject::InvalidCredential
+            | Reject::InvalidToken(_)
+            | Reject::ConflictingCredentials => StatusCode::UNAUTHORIZED,
             Reject::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             Reject::UnknownRoute(_) | Reject::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Reject::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -119,6 +123,7 @@ impl Reject {
         match self {
             Reject::MissingCredential => "missing_api_key",
             Reject::InvalidCredential => "invalid_api_key",
+            Reject::InvalidToken(_) => "invalid_token",
             Reject::ConflictingCredentials => "conflicting_credentials",
             Reject::UnknownRoute(_) => "unknown_route",
             Reject::MethodNotAllowed(_) => "method_not_allowed",
@@ -156,6 +161,14 @@ impl Reject {
         match self {
             Reject::InvalidField { param, .. } => Some(param),
             Reject::ModelNotFound(_) | Reject::ModelNotAllowed(_) => Some("model"),
+            _ => None,
+        }
+    }
+
+    /// The finer reason recorded in the audit log, never sent to the client.
+    pub fn detail(&self) -> Option<String> {
+        match self {
+            Reject::InvalidToken(e) => Some(e.to_string()),
             _ => None,
         }
     }

@@ -23,9 +23,11 @@ use subtle::ConstantTimeEq;
 use crate::config::{ApiKey, ModelGrant};
 use crate::reject::Reject;
 
+pub mod jwt;
 pub mod key_format;
 pub mod key_store;
 pub mod managed;
+mod strict_json;
 
 pub use managed::ManagedKeys;
 
@@ -34,6 +36,8 @@ pub use managed::ManagedKeys;
 pub enum AuthMethod {
     /// A configured API key.
     ApiKey,
+    /// A JWT from a trusted issuer.
+    Jwt,
     /// No credential, on a route configured to allow that.
     Anonymous,
 }
@@ -43,6 +47,7 @@ impl AuthMethod {
     pub fn as_str(self) -> &'static str {
         match self {
             AuthMethod::ApiKey => "api_key",
+            AuthMethod::Jwt => "jwt",
             AuthMethod::Anonymous => "anonymous",
         }
     }
@@ -142,6 +147,29 @@ impl KeyIndex {
             None => Err(Reject::InvalidCredential),
         }
     }
+}
+
+/// Authenticates a request: a bearer credential shaped like a JWT goes to
+/// the JWT verifier (when issuers are configured), anything else is an API
+/// key. A request carrying both `Authorization` and `x-api-key` with
+/// different values is refused as ambiguous.
+pub async fn authenticate(
+    headers: &HeaderMap,
+    keys: &KeyIndex,
+    managed: Option<&ManagedKeys>,
+    jwt: Option<&jwt::JwtVerifier>,
+) -> Result<Identity, Reject> {
+    let presented = presented_key(headers)?;
+    if let Some(verifier) = jwt
+        && jwt::looks_like_jwt(presented)
+    {
+        let subject = verifier.verify(presented).await.map_err(Reject::InvalidToken)?;
+        return Ok(Identity {
+            method: AuthMethod::Jwt,
+            key: Some(Arc::new(subject)),
+        });
+    }
+    keys.authenticate(headers, managed)
 }
 
 /// Whether the request carries any credential header at all.

@@ -65,6 +65,54 @@ pub struct Config {
     pub api_keys: Vec<ApiKey>,
     /// The managed-key store, if keys are managed at run time.
     pub key_store: Option<KeyStoreConfig>,
+    /// JWT issuers, if JWT bearer tokens are accepted.
+    pub jwt: Option<JwtConfig>,
+}
+
+/// JWT authentication settings.
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    /// Longest token accepted.
+    pub max_token_bytes: usize,
+    /// Trusted issuers.
+    pub issuers: Vec<IssuerConfig>,
+}
+
+/// One trusted issuer, checked.
+#[derive(Clone)]
+pub struct IssuerConfig {
+    /// `iss`.
+    pub issuer: String,
+    /// Accepted audiences.
+    pub audiences: Vec<String>,
+    /// Accepted algorithms.
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+    /// Required `typ`.
+    pub typ: Option<String>,
+    /// Leeway in seconds.
+    pub leeway: i64,
+    /// JWKS URL, if keys are fetched.
+    pub jwks_url: Option<String>,
+    /// Keys given in the configuration (JWKS file, HMAC secret).
+    pub static_keys: Vec<crate::authn::jwt::VerificationKey>,
+    /// Fewest time between JWKS fetches.
+    pub min_refresh_interval: Duration,
+    /// Claim naming the tenant.
+    pub tenant_claim: String,
+    /// Claim naming the tier.
+    pub tier_claim: Option<String>,
+    /// Models its callers may call.
+    pub models: ModelGrant,
+}
+
+impl fmt::Debug for IssuerConfig {
+    // INVARIANT: an HMAC secret never reaches a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IssuerConfig")
+            .field("issuer", &self.issuer)
+            .field("audiences", &self.audiences)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Where managed keys live and how fast changes spread.
@@ -352,6 +400,10 @@ impl Config {
         }
 
         let key_store = raw.key_store.as_ref().and_then(|k| check_key_store(k, base, &mut errs));
+        let jwt = raw
+            .jwt
+            .as_ref()
+            .map(|j| check_jwt(j, base, &declared_models, &mut errs));
 
         match (listen, admin_address, audit_file) {
             (Some(listen), Some(admin_address), Some(audit_file)) if errs.0.is_empty() => Ok(Config {
@@ -362,6 +414,7 @@ impl Config {
                 models,
                 api_keys,
                 key_store,
+                jwt,
             }),
             _ => Err(ConfigErrors(errs.0)),
         }
@@ -773,6 +826,120 @@ fn check_api_key(
         tier: raw.tier.clone(),
         models: grant,
     })
+}
+
+fn check_jwt(raw: &raw::RawJwt, base: &Path, models: &HashSet<&str>, errs: &mut Errors) -> JwtConfig {
+    use crate::authn::jwt::{VerificationKey, jwks_keys};
+    use jsonwebtoken::{Algorithm, AlgorithmFamily};
+    let max_token_bytes = errs.size("jwt.max_token_bytes", raw.max_token_bytes.as_ref(), 8 * 1024);
+    if raw.issuers.is_empty() {
+        errs.push("jwt.issuers", "name at least one issuer");
+    }
+    let mut issuers = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, r) in raw.issuers.iter().enumerate() {
+        let path = format!("jwt.issuers[{i}]");
+        if r.issuer.is_empty() || !seen.insert(r.issuer.as_str()) {
+            errs.push(&format!("{path}.issuer"), "must be non-empty and unique");
+        }
+        if r.audiences.is_empty() {
+            errs.push(&format!("{path}.audiences"), "name at least one audience");
+        }
+        let names: Vec<String> = r
+            .algorithms
+            .clone()
+            .unwrap_or_else(|| ["RS256", "PS256", "ES256", "EdDSA"].map(str::to_owned).to_vec());
+        let mut algorithms = Vec::new();
+        for name in &names {
+            match name.parse::<Algorithm>() {
+                Ok(a) => algorithms.push(a),
+                Err(_) => errs.push(&format!("{path}.algorithms"), format!("unknown algorithm `{name}`")),
+            }
+        }
+        let hmac = algorithms.iter().any(|a| a.family() == AlgorithmFamily::Hmac);
+        let mut static_keys = Vec::new();
+        match (&r.hmac_secret, hmac) {
+            (Some(secret), true) => {
+                if let Some(secret) = read_secret(secret, &format!("{path}.hmac_secret"), base, errs) {
+                    if secret.len() < 32 {
+                        errs.push(&format!("{path}.hmac_secret"), "must be at least 32 bytes (256 bits)");
+                    } else {
+                        match jsonwebtoken::DecodingKey::from_secret(secret.as_bytes()) {
+                            Ok(key) => static_keys.push(VerificationKey {
+                                kid: None,
+                                key,
+                                alg: None,
+                            }),
+                            Err(e) => errs.push(&format!("{path}.hmac_secret"), format!("unusable: {e}")),
+                        }
+                    }
+                }
+            }
+            (None, true) => errs.push(&format!("{path}.algorithms"), "HMAC algorithms need `hmac_secret`"),
+            (Some(_), false) => errs.push(&format!("{path}.hmac_secret"), "set, but no HMAC algorithm is allowed"),
+            (None, false) => {}
+        }
+        if let Some(file) = &r.jwks_file {
+            let file = resolve(base, file);
+            match std::fs::read(&file)
+                .map_err(|e| e.to_string())
+                .and_then(|b| jwks_keys(&b))
+            {
+                Ok(keys) => static_keys.extend(keys),
+                Err(e) => errs.push(&format!("{path}.jwks_file"), format!("`{}`: {e}", file.display())),
+            }
+        }
+        if r.jwks_url.is_some() == (r.jwks_file.is_some() || r.hmac_secret.is_some()) {
+            errs.push(
+                &path,
+                "give keys by exactly one of `jwks_url`, or `jwks_file`/`hmac_secret`",
+            );
+        }
+        if let Some(url) = &r.jwks_url
+            && !(url.starts_with("https://") || url.starts_with("http://127.") || url.starts_with("http://localhost"))
+        {
+            errs.push(
+                &format!("{path}.jwks_url"),
+                "must be https:// (plain http only on loopback)",
+            );
+        }
+        let leeway = errs.duration(&format!("{path}.leeway"), r.leeway.as_deref(), Duration::from_secs(30));
+        if leeway > Duration::from_secs(300) {
+            errs.push(&format!("{path}.leeway"), "must be at most 5m");
+        }
+        let min_refresh_interval = errs.duration(
+            &format!("{path}.min_refresh_interval"),
+            r.min_refresh_interval.as_deref(),
+            Duration::from_secs(30),
+        );
+        let grant = if r.models.iter().any(|m| m == "*") {
+            ModelGrant::All
+        } else {
+            for (j, m) in r.models.iter().enumerate() {
+                if !models.contains(m.as_str()) {
+                    errs.push(&format!("{path}.models[{j}]"), format!("no model named `{m}`"));
+                }
+            }
+            ModelGrant::Only(r.models.iter().cloned().collect())
+        };
+        issuers.push(IssuerConfig {
+            issuer: r.issuer.clone(),
+            audiences: r.audiences.clone(),
+            algorithms,
+            typ: r.typ.clone(),
+            leeway: i64::try_from(leeway.as_secs()).unwrap_or(300),
+            jwks_url: r.jwks_url.clone(),
+            static_keys,
+            min_refresh_interval,
+            tenant_claim: r.tenant_claim.clone().unwrap_or_else(|| "tenant".to_owned()),
+            tier_claim: r.tier_claim.clone(),
+            models: grant,
+        });
+    }
+    JwtConfig {
+        max_token_bytes,
+        issuers,
+    }
 }
 
 fn check_key_store(raw: &raw::RawKeyStore, base: &Path, errs: &mut Errors) -> Option<KeyStoreConfig> {

@@ -27,6 +27,61 @@ pub struct RawConfig {
     /// Where keys created at run time (`warden keys create`) are kept.
     #[serde(default)]
     pub key_store: Option<RawKeyStore>,
+    /// JWT bearer tokens from trusted issuers.
+    #[serde(default)]
+    pub jwt: Option<RawJwt>,
+}
+
+/// JWT authentication.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJwt {
+    /// Longest token accepted; longer ones are refused unread. Default `8KiB`.
+    #[serde(default)]
+    pub max_token_bytes: Option<RawSize>,
+    /// Trusted issuers.
+    pub issuers: Vec<RawIssuer>,
+}
+
+/// One trusted token issuer.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIssuer {
+    /// The `iss` claim, exactly.
+    pub issuer: String,
+    /// Accepted `aud` values; a token must name one.
+    pub audiences: Vec<String>,
+    /// Accepted algorithms. Default: RS256, PS256, ES256, EdDSA. HMAC
+    /// (HS256/384/512) only with `hmac_secret`.
+    #[serde(default)]
+    pub algorithms: Option<Vec<String>>,
+    /// JWKS URL to fetch keys from (refreshed on an unknown `kid`).
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// JWKS document on disk.
+    #[serde(default)]
+    pub jwks_file: Option<String>,
+    /// HMAC secret, by reference; at least 32 bytes.
+    #[serde(default)]
+    pub hmac_secret: Option<RawSecret>,
+    /// Required `typ` header, e.g. `at+jwt`.
+    #[serde(default)]
+    pub typ: Option<String>,
+    /// Clock skew allowed on `exp`/`nbf`/`iat`. Default `30s`, at most `5m`.
+    #[serde(default)]
+    pub leeway: Option<String>,
+    /// Fewest time between two JWKS fetches. Default `30s`.
+    #[serde(default)]
+    pub min_refresh_interval: Option<String>,
+    /// Claim naming the tenant. Default `tenant`.
+    #[serde(default)]
+    pub tenant_claim: Option<String>,
+    /// Claim naming the tier, if any.
+    #[serde(default)]
+    pub tier_claim: Option<String>,
+    /// Models callers with this issuer's tokens may call; `"*"` for all.
+    #[serde(default)]
+    pub models: Vec<String>,
 }
 
 /// The store of managed API keys: exactly one of `sqlite` or `postgres`.
