@@ -37,6 +37,8 @@ pub struct AuditRecord<'a> {
     pub key_id: Option<&'a str>,
     /// Tenant the caller acts for.
     pub tenant: Option<&'a str>,
+    /// The known mTLS client on the connection, if any.
+    pub client_cert: Option<&'a str>,
     /// Address of the TCP peer.
     pub client_ip: std::net::IpAddr,
     /// `User-Agent`, as sent.

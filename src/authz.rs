@@ -16,6 +16,9 @@ pub struct Permit {
 /// Decides whether `identity` may call `model`. Default deny: a caller with
 /// no grant (an anonymous one) may call nothing.
 pub fn authorize_endpoint(identity: &Identity, model: &ModelEndpoint) -> Result<Permit, Reject> {
+    if model.require_mtls && identity.client_cert.is_none() {
+        return Err(Reject::ClientCertificateRequired(model.name.clone()));
+    }
     match identity.models() {
         Some(grant) if grant.allows(&model.name) => Ok(Permit { _private: () }),
         _ => Err(Reject::ModelNotAllowed(model.name.clone())),

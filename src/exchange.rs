@@ -171,6 +171,9 @@ impl Finisher {
             auth_method: identity.map(|i| i.method.as_str()),
             key_id: identity.and_then(Identity::credential_id),
             tenant: identity.and_then(Identity::tenant),
+            client_cert: identity
+                .and_then(|i| i.client_cert.as_deref())
+                .map(|c| c.principal.as_str()),
             client_ip: ex.peer.ip(),
             user_agent: ex.user_agent.as_deref(),
             method: ex.method.as_str(),

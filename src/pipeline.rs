@@ -4,14 +4,13 @@
 //! happens, the exchange is finished once — audit record and metrics — when
 //! its response body ends or the client goes away.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, header};
 use hyper::body::Incoming;
 
-use crate::authn::Identity;
+use crate::authn::{AuthMethod, Identity};
 use crate::authz;
 use crate::config::{ModelEndpoint, Protocol};
 use crate::exchange::{Exchange, Finisher, ResponseBody, Source, SseSource};
@@ -19,6 +18,7 @@ use crate::gateway::{Gateway, Runtime};
 use crate::reject::Reject;
 use crate::request;
 use crate::route::{self, Operation, Route};
+use crate::server::Peer;
 use crate::upstream::{self, AnswerBody, Outbound};
 
 /// What the stages produced for the client.
@@ -30,16 +30,21 @@ enum Reply {
 }
 
 /// Serves one request on the public listener.
-pub async fn handle(gateway: Arc<Gateway>, req: Request<Incoming>, peer: SocketAddr) -> Response<ResponseBody> {
+pub async fn handle(gateway: Arc<Gateway>, req: Request<Incoming>, peer: Arc<Peer>) -> Response<ResponseBody> {
     // One snapshot of the configuration for the whole request.
     let runtime = gateway.runtime();
     gateway.metrics.start_request();
-    let mut exchange = Exchange::begin(&req, peer);
-    let reply = life_of_request(&runtime, &mut exchange, req).await;
+    let mut exchange = Exchange::begin(&req, peer.addr);
+    let reply = life_of_request(&runtime, &mut exchange, req, &peer).await;
     respond(&gateway, &runtime, exchange, reply)
 }
 
-async fn life_of_request(rt: &Runtime, ex: &mut Exchange, req: Request<Incoming>) -> Result<Reply, Reject> {
+async fn life_of_request(
+    rt: &Runtime,
+    ex: &mut Exchange,
+    req: Request<Incoming>,
+    peer: &Peer,
+) -> Result<Reply, Reject> {
     let (parts, body_stream) = req.into_parts();
     let limits = &rt.config.listen.limits;
 
@@ -50,7 +55,7 @@ async fn life_of_request(rt: &Runtime, ex: &mut Exchange, req: Request<Incoming>
     ex.protocol = route.protocol;
 
     // 1 authenticate: every request, unless the route is an anonymous probe.
-    let identity = authenticate(rt, &route, &parts.headers).await?;
+    let identity = authenticate(rt, &route, &parts.headers, peer).await?;
     ex.identity = Some(identity.clone());
 
     match route.operation {
@@ -182,12 +187,33 @@ fn note_model(ex: &mut Exchange, model: &ModelEndpoint) {
     ex.upstream = Some(model.upstream.name.clone());
 }
 
-async fn authenticate(rt: &Runtime, route: &Route, headers: &http::HeaderMap) -> Result<Identity, Reject> {
-    let probe = matches!(route.operation, Operation::Live | Operation::Ready);
-    if probe && rt.config.listen.anonymous_health && !crate::authn::has_credential(headers) {
-        return Ok(Identity::anonymous());
+async fn authenticate(rt: &Runtime, route: &Route, headers: &http::HeaderMap, peer: &Peer) -> Result<Identity, Reject> {
+    // A verified client certificate names a client only if it is a known one.
+    let client = match (&peer.client_cert, &rt.config.mtls) {
+        (Some(cert), Some(mtls)) => cert
+            .identity(mtls.identity_from)
+            .and_then(|id| mtls.clients.get(id))
+            .cloned(),
+        _ => None,
+    };
+    if !crate::authn::has_credential(headers) {
+        let probe = matches!(route.operation, Operation::Live | Operation::Ready);
+        return match client {
+            Some(client) => Ok(Identity {
+                method: AuthMethod::Mtls,
+                key: Some(Arc::clone(&client)),
+                client_cert: Some(client),
+            }),
+            None if probe && rt.config.listen.anonymous_health => Ok(Identity::anonymous()),
+            None => Err(Reject::MissingCredential),
+        };
     }
-    crate::authn::authenticate(headers, &rt.keys, rt.managed_keys.as_deref(), rt.jwt.as_ref()).await
+    // A token or key was sent: it must pass, and the certificate (if any)
+    // is kept alongside for routes that require both.
+    let mut identity =
+        crate::authn::authenticate(headers, &rt.keys, rt.managed_keys.as_deref(), rt.jwt.as_ref()).await?;
+    identity.client_cert = client;
+    Ok(identity)
 }
 
 fn find_model(rt: &Runtime, name: &str, protocol: Protocol) -> Result<Arc<ModelEndpoint>, Reject> {

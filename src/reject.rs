@@ -20,6 +20,9 @@ pub enum Reject {
     /// A bearer JWT failed a check; the reason is audited, not returned.
     #[error("invalid bearer token")]
     InvalidToken(crate::authn::jwt::TokenError),
+    /// The model needs a verified certificate of a known client.
+    #[error("the model `{0}` requires a client certificate")]
+    ClientCertificateRequired(String),
     /// `Authorization` and `x-api-key` carry different keys.
     #[error("conflicting credentials: `Authorization` and `x-api-key` differ")]
     ConflictingCredentials,
@@ -101,6 +104,7 @@ impl Reject {
             Reject::MissingCredential
             | Reject::InvalidCredential
             | Reject::InvalidToken(_)
+            | Reject::ClientCertificateRequired(_)
             | Reject::ConflictingCredentials => StatusCode::UNAUTHORIZED,
             Reject::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             Reject::UnknownRoute(_) | Reject::ModelNotFound(_) => StatusCode::NOT_FOUND,
@@ -124,6 +128,7 @@ impl Reject {
             Reject::MissingCredential => "missing_api_key",
             Reject::InvalidCredential => "invalid_api_key",
             Reject::InvalidToken(_) => "invalid_token",
+            Reject::ClientCertificateRequired(_) => "client_certificate_required",
             Reject::ConflictingCredentials => "conflicting_credentials",
             Reject::UnknownRoute(_) => "unknown_route",
             Reject::MethodNotAllowed(_) => "method_not_allowed",

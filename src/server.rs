@@ -37,6 +37,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
 use crate::admin::metrics::Metrics;
+use crate::authn::mtls::ClientCert;
 use crate::config::ListenLimits;
 
 /// How one listener serves its connections.
@@ -65,6 +66,15 @@ pub fn worker_index() -> usize {
     WORKER.with(Cell::get)
 }
 
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The TCP peer address.
+    pub addr: SocketAddr,
+    /// The client certificate, verified during the TLS handshake.
+    pub client_cert: Option<ClientCert>,
+}
+
 /// An accepted connection on its way to a worker; the permit holds its
 /// place under `max_connections` until the connection closes.
 struct Accepted {
@@ -84,7 +94,7 @@ pub async fn serve<H, Fut, B>(
     mut shutdown: ShutdownSignal,
 ) -> std::io::Result<()>
 where
-    H: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, Arc<Peer>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -165,7 +175,7 @@ async fn run_worker<H, Fut, B>(
     handle: H,
     mut shutdown: ShutdownSignal,
 ) where
-    H: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, Arc<Peer>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -224,7 +234,7 @@ struct Connection {
 impl Connection {
     async fn serve<H, Fut, B>(self, accepted: Accepted, handle: H, watcher: Watcher)
     where
-        H: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+        H: Fn(Request<Incoming>, Arc<Peer>) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Response<B>> + Send + 'static,
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -240,12 +250,14 @@ impl Connection {
             }
         };
         let started = Arc::new(AtomicBool::new(false));
-        let seen = Arc::clone(&started);
-        let service = hyper::service::service_fn(move |req| {
-            seen.store(true, Ordering::Relaxed);
-            let handle = handle.clone();
-            async move { Ok::<_, Infallible>(handle(req, peer).await) }
-        });
+        let service = |peer: Arc<Peer>| {
+            let seen = Arc::clone(&started);
+            hyper::service::service_fn(move |req| {
+                seen.store(true, Ordering::Relaxed);
+                let (handle, peer) = (handle.clone(), Arc::clone(&peer));
+                async move { Ok::<_, Infallible>(handle(req, peer).await) }
+            })
+        };
         // hyper's header timeout starts only once HTTP/1 is detected: a
         // client that sends nothing (or half an HTTP/2 preface) would hold
         // its connection slot forever. The whole first request head must
@@ -253,7 +265,11 @@ impl Connection {
         let deadline = tokio::time::Instant::now() + self.head_timeout;
         let result = match &self.tls {
             None => {
-                let conn = watcher.watch(self.builder.serve_connection(TokioIo::new(stream), service));
+                let svc = service(Arc::new(Peer {
+                    addr: peer,
+                    client_cert: None,
+                }));
+                let conn = watcher.watch(self.builder.serve_connection(TokioIo::new(stream), svc));
                 first_request_within(conn, deadline, &started).await
             }
             Some(acceptor) => {
@@ -268,7 +284,19 @@ impl Connection {
                         return;
                     }
                 };
-                let conn = watcher.watch(self.builder.serve_connection(TokioIo::new(tls_stream), service));
+                // Only a certificate rustls verified against the client CAs
+                // is ever read; its identity is parsed once per connection.
+                let client_cert = tls_stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .and_then(|leaf| ClientCert::from_der(leaf));
+                let svc = service(Arc::new(Peer {
+                    addr: peer,
+                    client_cert,
+                }));
+                let conn = watcher.watch(self.builder.serve_connection(TokioIo::new(tls_stream), svc));
                 first_request_within(conn, deadline, &started).await
             }
         };

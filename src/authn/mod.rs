@@ -27,6 +27,7 @@ pub mod jwt;
 pub mod key_format;
 pub mod key_store;
 pub mod managed;
+pub mod mtls;
 mod strict_json;
 
 pub use managed::ManagedKeys;
@@ -38,6 +39,8 @@ pub enum AuthMethod {
     ApiKey,
     /// A JWT from a trusted issuer.
     Jwt,
+    /// A verified client certificate of a known client (and nothing else).
+    Mtls,
     /// No credential, on a route configured to allow that.
     Anonymous,
 }
@@ -48,6 +51,7 @@ impl AuthMethod {
         match self {
             AuthMethod::ApiKey => "api_key",
             AuthMethod::Jwt => "jwt",
+            AuthMethod::Mtls => "mtls",
             AuthMethod::Anonymous => "anonymous",
         }
     }
@@ -60,6 +64,9 @@ pub struct Identity {
     pub method: AuthMethod,
     /// The key they used, when they used one.
     pub key: Option<Arc<ApiKey>>,
+    /// The known mTLS client on the connection, when there is one (whatever
+    /// else authenticated the request).
+    pub client_cert: Option<Arc<ApiKey>>,
 }
 
 impl Identity {
@@ -68,6 +75,7 @@ impl Identity {
         Identity {
             method: AuthMethod::Anonymous,
             key: None,
+            client_cert: None,
         }
     }
 
@@ -126,6 +134,7 @@ impl KeyIndex {
                 return Ok(Identity {
                     method: AuthMethod::ApiKey,
                     key: Some(Arc::clone(&found.key)),
+                    client_cert: None,
                 });
             }
             return Err(Reject::InvalidCredential);
@@ -143,6 +152,7 @@ impl KeyIndex {
             Some(key) => Ok(Identity {
                 method: AuthMethod::ApiKey,
                 key: Some(Arc::clone(key)),
+                client_cert: None,
             }),
             None => Err(Reject::InvalidCredential),
         }
@@ -167,6 +177,7 @@ pub async fn authenticate(
         return Ok(Identity {
             method: AuthMethod::Jwt,
             key: Some(Arc::new(subject)),
+            client_cert: None,
         });
     }
     keys.authenticate(headers, managed)

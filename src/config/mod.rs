@@ -67,6 +67,17 @@ pub struct Config {
     pub key_store: Option<KeyStoreConfig>,
     /// JWT issuers, if JWT bearer tokens are accepted.
     pub jwt: Option<JwtConfig>,
+    /// Clients known by their certificate.
+    pub mtls: Option<MtlsConfig>,
+}
+
+/// Clients known by their certificate.
+#[derive(Debug, Clone)]
+pub struct MtlsConfig {
+    /// Which part of a certificate names its holder.
+    pub identity_from: crate::authn::mtls::IdentitySource,
+    /// Known clients by identity.
+    pub clients: HashMap<String, Arc<ApiKey>>,
 }
 
 /// JWT authentication settings.
@@ -210,6 +221,8 @@ pub struct ModelEndpoint {
     pub upstream_model: String,
     /// Largest request body for this model.
     pub max_body_bytes: usize,
+    /// Callers need a verified, known client certificate.
+    pub require_mtls: bool,
 }
 
 /// A model server.
@@ -404,6 +417,22 @@ impl Config {
             .jwt
             .as_ref()
             .map(|j| check_jwt(j, base, &declared_models, &mut errs));
+        let client_ca = raw.listen.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some());
+        let mtls = raw.mtls.as_ref().map(|m| check_mtls(m, &declared_models, &mut errs));
+        if mtls.is_some() && !client_ca {
+            errs.push(
+                "mtls",
+                "needs `listen.tls.client_ca_file` to verify client certificates",
+            );
+        }
+        for (i, m) in raw.models.iter().enumerate() {
+            if m.require_mtls && mtls.is_none() {
+                errs.push(
+                    &format!("models[{i}].require_mtls"),
+                    "needs an `mtls` section with its clients",
+                );
+            }
+        }
 
         match (listen, admin_address, audit_file) {
             (Some(listen), Some(admin_address), Some(audit_file)) if errs.0.is_empty() => Ok(Config {
@@ -415,6 +444,7 @@ impl Config {
                 api_keys,
                 key_store,
                 jwt,
+                mtls,
             }),
             _ => Err(ConfigErrors(errs.0)),
         }
@@ -557,10 +587,38 @@ fn load_tls(base: &Path, raw: &raw::RawTls) -> Result<rustls::ServerConfig, Stri
     let key = PrivateKeyDer::from_pem_file(&key_path)
         .map_err(|e| format!("cannot read private key from `{}`: {e}", key_path.display()))?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS setup failed: {e}"))?
-        .with_no_client_auth()
+        .map_err(|e| format!("TLS setup failed: {e}"))?;
+    let builder = match &raw.client_ca_file {
+        None if raw.require_client_cert => {
+            return Err("`require_client_cert` needs `client_ca_file`".to_owned());
+        }
+        None => builder.with_no_client_auth(),
+        Some(ca_file) => {
+            let ca_path = resolve(base, ca_file);
+            let mut roots = rustls::RootCertStore::empty();
+            for ca in CertificateDer::pem_file_iter(&ca_path)
+                .map_err(|e| format!("cannot read client CAs from `{}`: {e}", ca_path.display()))?
+            {
+                let ca = ca.map_err(|e| format!("bad client CA in `{}`: {e}", ca_path.display()))?;
+                roots
+                    .add(ca)
+                    .map_err(|e| format!("bad client CA in `{}`: {e}", ca_path.display()))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            let verifier = if raw.require_client_cert {
+                verifier
+            } else {
+                verifier.allow_unauthenticated()
+            };
+            let verifier = verifier
+                .build()
+                .map_err(|e| format!("client certificate verifier: {e}"))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
         .with_single_cert(certs, key)
         .map_err(|e| format!("certificate and key do not form a valid pair: {e}"))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -773,6 +831,7 @@ fn check_model(
         upstream: upstream?,
         upstream_model,
         max_body_bytes,
+        require_mtls: raw.require_mtls,
     })
 }
 
@@ -940,6 +999,54 @@ fn check_jwt(raw: &raw::RawJwt, base: &Path, models: &HashSet<&str>, errs: &mut 
         max_token_bytes,
         issuers,
     }
+}
+
+fn check_mtls(raw: &raw::RawMtls, models: &HashSet<&str>, errs: &mut Errors) -> MtlsConfig {
+    use crate::authn::mtls::IdentitySource;
+    let identity_from = match raw.identity_from.as_deref() {
+        None | Some("spiffe") => IdentitySource::Spiffe,
+        Some("dns") => IdentitySource::Dns,
+        Some("cn") => IdentitySource::CommonName,
+        Some(other) => {
+            errs.push(
+                "mtls.identity_from",
+                format!("`{other}` is not one of `spiffe`, `dns`, `cn`"),
+            );
+            IdentitySource::Spiffe
+        }
+    };
+    let mut clients = HashMap::new();
+    for (i, c) in raw.clients.iter().enumerate() {
+        let path = format!("mtls.clients[{i}]");
+        if c.identity.is_empty() || c.tenant.is_empty() {
+            errs.push(&path, "needs a non-empty `identity` and `tenant`");
+        }
+        let grant = if c.models.iter().any(|m| m == "*") {
+            ModelGrant::All
+        } else {
+            for (j, m) in c.models.iter().enumerate() {
+                if !models.contains(m.as_str()) {
+                    errs.push(&format!("{path}.models[{j}]"), format!("no model named `{m}`"));
+                }
+            }
+            ModelGrant::Only(c.models.iter().cloned().collect())
+        };
+        let client = ApiKey {
+            id: format!("mtls:{}", c.identity),
+            digest: [0; 32],
+            principal: c.identity.clone(),
+            tenant: c.tenant.clone(),
+            tier: c.tier.clone(),
+            models: grant,
+        };
+        if clients.insert(c.identity.clone(), Arc::new(client)).is_some() {
+            errs.push(
+                &format!("{path}.identity"),
+                format!("duplicate client `{}`", c.identity),
+            );
+        }
+    }
+    MtlsConfig { identity_from, clients }
 }
 
 fn check_key_store(raw: &raw::RawKeyStore, base: &Path, errs: &mut Errors) -> Option<KeyStoreConfig> {

@@ -30,6 +30,37 @@ pub struct RawConfig {
     /// JWT bearer tokens from trusted issuers.
     #[serde(default)]
     pub jwt: Option<RawJwt>,
+    /// Clients authenticated by their certificate (needs
+    /// `listen.tls.client_ca_file`).
+    #[serde(default)]
+    pub mtls: Option<RawMtls>,
+}
+
+/// mTLS client identities.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMtls {
+    /// Which part of the certificate names the client: `spiffe` (URI SAN,
+    /// the default), `dns` (first DNS SAN) or `cn` (subject CN).
+    #[serde(default)]
+    pub identity_from: Option<String>,
+    /// Known clients; a verified certificate naming no one here is refused.
+    pub clients: Vec<RawMtlsClient>,
+}
+
+/// One client known by its certificate.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMtlsClient {
+    /// The identity, e.g. `spiffe://acme.example/ns/prod/sa/batch`.
+    pub identity: String,
+    /// The tenant it acts for.
+    pub tenant: String,
+    /// Service tier.
+    #[serde(default)]
+    pub tier: Option<String>,
+    /// Models it may call; `"*"` for all.
+    pub models: Vec<String>,
 }
 
 /// JWT authentication.
@@ -155,6 +186,14 @@ pub struct RawTls {
     pub cert_file: String,
     /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
     pub key_file: String,
+    /// PEM file of the CAs that sign client certificates (mTLS). Without
+    /// it, client certificates are neither asked for nor accepted.
+    #[serde(default)]
+    pub client_ca_file: Option<String>,
+    /// Refuse the TLS handshake without a valid client certificate. When
+    /// false, a certificate is optional and routes decide (`require_mtls`).
+    #[serde(default)]
+    pub require_client_cert: bool,
 }
 
 /// The operations listener.
@@ -248,6 +287,10 @@ pub struct RawModel {
     /// Largest request body for this model; at most `listen.max_body_bytes`.
     #[serde(default)]
     pub max_body_bytes: Option<RawSize>,
+    /// Callers must present a verified client certificate of a known client,
+    /// besides any token or key they send (both must then pass).
+    #[serde(default)]
+    pub require_mtls: bool,
 }
 
 /// One API key.

@@ -7,6 +7,7 @@ mod jwt;
 mod keys;
 mod lifecycle;
 mod listener;
+mod mtls;
 mod openai_client;
 mod routes;
 mod streaming;
