@@ -33,6 +33,8 @@ pub struct Exchange {
     pub time: jiff::Timestamp,
     /// TCP peer.
     pub peer: SocketAddr,
+    /// The client: the peer, or what a trusted proxy says the client is.
+    pub client_ip: std::net::IpAddr,
     /// `User-Agent`.
     pub user_agent: Option<String>,
     /// HTTP method.
@@ -80,6 +82,7 @@ impl Exchange {
             started: Instant::now(),
             time: jiff::Timestamp::now(),
             peer,
+            client_ip: peer.ip(),
             user_agent: req
                 .headers()
                 .get(http::header::USER_AGENT)
@@ -174,7 +177,7 @@ impl Finisher {
             client_cert: identity
                 .and_then(|i| i.client_cert.as_deref())
                 .map(|c| c.principal.as_str()),
-            client_ip: ex.peer.ip(),
+            client_ip: ex.client_ip,
             user_agent: ex.user_agent.as_deref(),
             method: ex.method.as_str(),
             path: &ex.path,

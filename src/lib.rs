@@ -28,6 +28,7 @@ pub mod authz;
 pub mod config;
 pub mod demo;
 pub mod exchange;
+pub mod forwarded;
 pub mod gateway;
 pub mod pipeline;
 pub mod reject;

@@ -35,6 +35,8 @@ pub async fn handle(gateway: Arc<Gateway>, req: Request<Incoming>, peer: Arc<Pee
     let runtime = gateway.runtime();
     gateway.metrics.start_request();
     let mut exchange = Exchange::begin(&req, peer.addr);
+    exchange.client_ip =
+        crate::forwarded::client_ip(peer.addr.ip(), req.headers(), &runtime.config.listen.trusted_proxies);
     let reply = life_of_request(&runtime, &mut exchange, req, &peer).await;
     respond(&gateway, &runtime, exchange, reply)
 }

@@ -167,6 +167,8 @@ pub struct Listen {
     pub workers: usize,
     /// Whether OIP v2 health routes are answered without a credential.
     pub anonymous_health: bool,
+    /// Proxies whose forwarded-address headers are believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// Limits every request on the public listener is held to.
@@ -562,7 +564,21 @@ fn check_listen(raw: &raw::RawListen, base: &Path, errs: &mut Errors) -> Option<
     );
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     let workers = errs.count("listen.workers", raw.workers, cpus);
+    let mut trusted_proxies = Vec::new();
+    for (i, p) in raw.trusted_proxies.iter().enumerate() {
+        let parsed = p
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| p.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+        match parsed {
+            Ok(net) => trusted_proxies.push(net),
+            Err(_) => errs.push(
+                &format!("listen.trusted_proxies[{i}]"),
+                format!("`{p}` is not an address or CIDR range"),
+            ),
+        }
+    }
     Some(Listen {
+        trusted_proxies,
         address: address?,
         tls,
         limits,

@@ -172,6 +172,10 @@ pub struct RawListen {
     /// On SIGTERM/SIGINT, how long in-flight requests and streams may run on.
     #[serde(default)]
     pub shutdown_grace: Option<String>,
+    /// Proxies (addresses or CIDR ranges) whose `X-Forwarded-For` or
+    /// `Forwarded` header is believed; everyone else's is ignored.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
     /// Answer the OIP v2 `GET /v2/health/live|ready` routes without a credential
     /// (for orchestrator probes). Everything else always needs one.
     #[serde(default)]

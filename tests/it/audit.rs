@@ -96,3 +96,21 @@ async fn one_record_per_request_with_matching_hashes() {
     assert_eq!(denied["key_id"], "demo-globex");
     assert_eq!(denied["fault"], "client");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_addresses_count_only_from_trusted_proxies() {
+    let (chat, fraud) = demo_upstreams().await;
+    for (extra, want) in [("", "127.0.0.1"), ("  trusted_proxies: [127.0.0.0/8]", "198.51.100.7")] {
+        let gw = TestGateway::start(&config(chat, fraud, extra)).await;
+        let resp = client()
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .bearer_auth(ACME)
+            .header("x-forwarded-for", "203.0.113.1, 198.51.100.7")
+            .json(&chat_body("demo-chat", false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(gw.audit(1).await[0]["client_ip"], want, "with `{extra}`");
+    }
+}
