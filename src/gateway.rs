@@ -15,6 +15,7 @@ use crate::admin::metrics::Metrics;
 use crate::audit::AuditLog;
 use crate::authn::jwt::{Issuer, JwksCache, JwtVerifier, Keys};
 use crate::authn::key_store::{KeyStore, KeyStoreError};
+use crate::authn::lockout::FailureLimiter;
 use crate::authn::{KeyIndex, ManagedKeys};
 use crate::config::{Config, ConfigErrors};
 use crate::upstream::UpstreamClient;
@@ -34,6 +35,8 @@ pub struct Runtime {
     pub managed_keys: Option<Arc<ManagedKeys>>,
     /// JWT issuers, when JWT bearer tokens are accepted.
     pub jwt: Option<JwtVerifier>,
+    /// Failed authentications per source; survives reloads that keep its settings.
+    pub lockout: Arc<FailureLimiter>,
 }
 
 /// Why a runtime could not be built.
@@ -103,7 +106,13 @@ impl Runtime {
                 Some(JwtVerifier::new(issuers, settings.max_token_bytes))
             }
         };
+        let (max_failures, window) = config.listen.auth_failure_limit;
+        let lockout = match previous {
+            Some(p) if p.lockout.settings() == (max_failures, window) => Arc::clone(&p.lockout),
+            _ => Arc::new(FailureLimiter::new(max_failures, window)),
+        };
         Ok(Runtime {
+            lockout,
             jwt,
             managed_keys,
             keys: KeyIndex::new(&config.api_keys),

@@ -57,7 +57,21 @@ async fn life_of_request(
     ex.protocol = route.protocol;
 
     // 1 authenticate: every request, unless the route is an anonymous probe.
-    let identity = authenticate(rt, &route, &parts.headers, peer).await?;
+    // A source that has failed too often is refused before its credential
+    // is even looked at; each new failure is counted.
+    let key_id = crate::authn::presented_key_id(&parts.headers);
+    if let Some(wait) = rt.lockout.blocked(ex.client_ip, key_id) {
+        return Err(Reject::TooManyAuthFailures(wait));
+    }
+    let identity = match authenticate(rt, &route, &parts.headers, peer).await {
+        Ok(identity) => identity,
+        // No credential at all is not a guess; a wrong one is.
+        Err(reject) if reject.status() == http::StatusCode::UNAUTHORIZED && reject != Reject::MissingCredential => {
+            rt.lockout.record_failure(ex.client_ip, key_id);
+            return Err(reject);
+        }
+        Err(reject) => return Err(reject),
+    };
     ex.identity = Some(identity.clone());
 
     match route.operation {

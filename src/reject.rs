@@ -20,6 +20,9 @@ pub enum Reject {
     /// A bearer JWT failed a check; the reason is audited, not returned.
     #[error("invalid bearer token")]
     InvalidToken(crate::authn::jwt::TokenError),
+    /// Too many failed authentications from this address or for this key.
+    #[error("too many failed authentications: try again later")]
+    TooManyAuthFailures(std::time::Duration),
     /// The model needs a verified certificate of a known client.
     #[error("the model `{0}` requires a client certificate")]
     ClientCertificateRequired(String),
@@ -107,6 +110,7 @@ impl Reject {
             | Reject::ClientCertificateRequired(_)
             | Reject::ConflictingCredentials => StatusCode::UNAUTHORIZED,
             Reject::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
+            Reject::TooManyAuthFailures(_) => StatusCode::TOO_MANY_REQUESTS,
             Reject::UnknownRoute(_) | Reject::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Reject::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Reject::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -128,6 +132,7 @@ impl Reject {
             Reject::MissingCredential => "missing_api_key",
             Reject::InvalidCredential => "invalid_api_key",
             Reject::InvalidToken(_) => "invalid_token",
+            Reject::TooManyAuthFailures(_) => "too_many_authentication_failures",
             Reject::ClientCertificateRequired(_) => "client_certificate_required",
             Reject::ConflictingCredentials => "conflicting_credentials",
             Reject::UnknownRoute(_) => "unknown_route",
@@ -223,6 +228,12 @@ impl Reject {
             "x-should-retry",
             HeaderValue::from_static(if self.retryable() { "true" } else { "false" }),
         );
+        if let Reject::TooManyAuthFailures(wait) = self {
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            if let Ok(value) = HeaderValue::from_str(&secs.to_string()) {
+                headers.insert(http::header::RETRY_AFTER, value);
+            }
+        }
         if self.status() == StatusCode::UNAUTHORIZED {
             headers.insert(http::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }

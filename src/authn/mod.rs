@@ -26,6 +26,7 @@ use crate::reject::Reject;
 pub mod jwt;
 pub mod key_format;
 pub mod key_store;
+pub mod lockout;
 pub mod managed;
 pub mod mtls;
 mod strict_json;
@@ -181,6 +182,11 @@ pub async fn authenticate(
         });
     }
     keys.authenticate(headers, managed)
+}
+
+/// The key id of a generated key the request presents, if it presents one.
+pub fn presented_key_id(headers: &HeaderMap) -> Option<&str> {
+    presented_key(headers).ok().and_then(key_format::kid_of)
 }
 
 /// Whether the request carries any credential header at all.

@@ -169,6 +169,8 @@ pub struct Listen {
     pub anonymous_health: bool,
     /// Proxies whose forwarded-address headers are believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Failed authentications allowed per source per window.
+    pub auth_failure_limit: (u32, Duration),
 }
 
 /// Limits every request on the public listener is held to.
@@ -577,7 +579,22 @@ fn check_listen(raw: &raw::RawListen, base: &Path, errs: &mut Errors) -> Option<
             ),
         }
     }
+    let auth_failure_limit = match &raw.auth_failure_limit {
+        None => (20, Duration::from_secs(60)),
+        Some(limit) => {
+            let window = errs.duration(
+                "listen.auth_failure_limit.window",
+                Some(&limit.window),
+                Duration::from_secs(60),
+            );
+            if limit.max_failures == 0 {
+                errs.push("listen.auth_failure_limit.max_failures", "must be greater than zero");
+            }
+            (limit.max_failures, window)
+        }
+    };
     Some(Listen {
+        auth_failure_limit,
         trusted_proxies,
         address: address?,
         tls,

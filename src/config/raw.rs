@@ -172,6 +172,11 @@ pub struct RawListen {
     /// On SIGTERM/SIGINT, how long in-flight requests and streams may run on.
     #[serde(default)]
     pub shutdown_grace: Option<String>,
+    /// Brute-force protection: after `max_failures` failed authentications
+    /// within `window` from one address (or against one key id), further
+    /// attempts get 429 until the window ends. Default 20 per `1m`.
+    #[serde(default)]
+    pub auth_failure_limit: Option<RawAuthFailureLimit>,
     /// Proxies (addresses or CIDR ranges) whose `X-Forwarded-For` or
     /// `Forwarded` header is believed; everyone else's is ignored.
     #[serde(default)]
@@ -180,6 +185,16 @@ pub struct RawListen {
     /// (for orchestrator probes). Everything else always needs one.
     #[serde(default)]
     pub anonymous_health: bool,
+}
+
+/// Failed authentications allowed per window.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuthFailureLimit {
+    /// Failures allowed in one window.
+    pub max_failures: u32,
+    /// The window, e.g. `1m`.
+    pub window: String,
 }
 
 /// Certificate chain and private key, both PEM files.

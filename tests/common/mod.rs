@@ -94,6 +94,8 @@ pub fn config(chat: SocketAddr, fraud: SocketAddr, extra_listen: &str) -> String
 listen:
   address: 127.0.0.1:0
   max_body_bytes: 64KiB
+  # Every test client is 127.0.0.1: the brute-force limit is set per test.
+  auth_failure_limit: {{ max_failures: 1000, window: 1m }}
 {extra_listen}
 admin:
   address: 127.0.0.1:0

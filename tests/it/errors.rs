@@ -195,3 +195,39 @@ async fn denials_tell_sdks_not_to_retry() {
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     assert_eq!(resp.headers()["x-should-retry"], "false");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_authentication_failures_are_refused_for_a_while() {
+    let (chat, fraud) = demo_upstreams().await;
+    let yaml = config(chat, fraud, "  trusted_proxies: [127.0.0.1]")
+        .replace("max_failures: 1000, window: 1m", "max_failures: 3, window: 1m");
+    let gw = TestGateway::start(&yaml).await;
+    // Clients told apart by the address their (trusted) proxy reports.
+    let from = |ip: &'static str, key: &'static str| {
+        client()
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .header("x-forwarded-for", ip)
+            .bearer_auth(key)
+            .json(&chat_body("demo-chat", false))
+            .send()
+    };
+    for _ in 0..3 {
+        assert_eq!(
+            from("198.51.100.1", "guess").await.unwrap().status(),
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    // Now even the right key is refused from that address...
+    let refused = from("198.51.100.1", ACME).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: u64 = refused.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    assert_eq!(refused.headers()["x-should-retry"], "false");
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_authentication_failures");
+    // ...while another address is served.
+    assert_eq!(from("198.51.100.2", ACME).await.unwrap().status(), StatusCode::OK);
+    let records = gw.audit(5).await;
+    assert_eq!(records[3]["reject_reason"], "too_many_authentication_failures");
+    assert_eq!(records[3]["client_ip"], "198.51.100.1");
+}
