@@ -69,7 +69,14 @@ fn main() {
     let index = KeyIndex::new(&keys);
     let headers = bearer("secret-4242");
     let api_key = median_per_call(|| {
-        black_box(runtime.block_on(warden::authn::authenticate(black_box(&headers), &index, None, None))).ok();
+        black_box(runtime.block_on(warden::authn::authenticate(
+            black_box(&headers),
+            &index,
+            None,
+            None,
+            None,
+        )))
+        .ok();
     });
 
     let read = |name: &str| std::fs::read(format!("{FIXTURES}/{name}")).expect("fixture");
@@ -123,7 +130,13 @@ fn main() {
     for (alg, token) in &tokens {
         let headers = bearer(token);
         let ok = runtime
-            .block_on(warden::authn::authenticate(&headers, &empty, None, Some(&verifier)))
+            .block_on(warden::authn::authenticate(
+                &headers,
+                &empty,
+                None,
+                Some(&verifier),
+                None,
+            ))
             .is_ok();
         assert!(ok, "the {alg:?} token must verify");
         let per_call = median_per_call(|| {
@@ -132,6 +145,7 @@ fn main() {
                 &empty,
                 None,
                 Some(&verifier),
+                None,
             )))
             .ok();
         });

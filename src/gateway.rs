@@ -13,6 +13,7 @@ use arc_swap::ArcSwap;
 
 use crate::admin::metrics::Metrics;
 use crate::audit::AuditLog;
+use crate::authn::introspection::Introspector;
 use crate::authn::jwt::{Issuer, JwksCache, JwtVerifier, Keys};
 use crate::authn::key_store::{KeyStore, KeyStoreError};
 use crate::authn::lockout::FailureLimiter;
@@ -35,6 +36,8 @@ pub struct Runtime {
     pub managed_keys: Option<Arc<ManagedKeys>>,
     /// JWT issuers, when JWT bearer tokens are accepted.
     pub jwt: Option<JwtVerifier>,
+    /// Opaque-token introspection, when configured.
+    pub introspection: Option<Introspector>,
     /// Failed authentications per source; survives reloads that keep its settings.
     pub lockout: Arc<FailureLimiter>,
 }
@@ -111,7 +114,9 @@ impl Runtime {
             Some(p) if p.lockout.settings() == (max_failures, window) => Arc::clone(&p.lockout),
             _ => Arc::new(FailureLimiter::new(max_failures, window)),
         };
+        let introspection = config.introspection.clone().map(Introspector::new);
         Ok(Runtime {
+            introspection,
             lockout,
             jwt,
             managed_keys,

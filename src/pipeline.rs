@@ -226,8 +226,14 @@ async fn authenticate(rt: &Runtime, route: &Route, headers: &http::HeaderMap, pe
     }
     // A token or key was sent: it must pass, and the certificate (if any)
     // is kept alongside for routes that require both.
-    let mut identity =
-        crate::authn::authenticate(headers, &rt.keys, rt.managed_keys.as_deref(), rt.jwt.as_ref()).await?;
+    let mut identity = crate::authn::authenticate(
+        headers,
+        &rt.keys,
+        rt.managed_keys.as_deref(),
+        rt.jwt.as_ref(),
+        rt.introspection.as_ref(),
+    )
+    .await?;
     identity.client_cert = client;
     Ok(identity)
 }

@@ -20,6 +20,9 @@ pub enum Reject {
     /// A bearer JWT failed a check; the reason is audited, not returned.
     #[error("invalid bearer token")]
     InvalidToken(crate::authn::jwt::TokenError),
+    /// The service that must vouch for the credential did not answer.
+    #[error("authentication is temporarily unavailable")]
+    AuthenticationUnavailable,
     /// Too many failed authentications from this address or for this key.
     #[error("too many failed authentications: try again later")]
     TooManyAuthFailures(std::time::Duration),
@@ -121,7 +124,7 @@ impl Reject {
             }
             Reject::UpstreamUnreachable | Reject::UpstreamInvalid | Reject::UpstreamAuth => StatusCode::BAD_GATEWAY,
             Reject::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Reject::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Reject::ShuttingDown | Reject::AuthenticationUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -151,6 +154,7 @@ impl Reject {
             Reject::UpstreamInvalid => "invalid_upstream_response",
             Reject::UpstreamAuth => "upstream_auth_failed",
             Reject::ShuttingDown => "shutting_down",
+            Reject::AuthenticationUnavailable => "authentication_unavailable",
         }
     }
 
@@ -187,7 +191,7 @@ impl Reject {
     pub fn fault(&self) -> Fault {
         match self {
             Reject::UpstreamUnreachable | Reject::UpstreamTimeout | Reject::UpstreamInvalid => Fault::Upstream,
-            Reject::UpstreamAuth | Reject::ShuttingDown => Fault::Gateway,
+            Reject::UpstreamAuth | Reject::ShuttingDown | Reject::AuthenticationUnavailable => Fault::Gateway,
             _ => Fault::Client,
         }
     }
@@ -197,7 +201,11 @@ impl Reject {
     fn retryable(&self) -> bool {
         matches!(
             self,
-            Reject::BodyTimeout | Reject::UpstreamUnreachable | Reject::UpstreamTimeout | Reject::ShuttingDown
+            Reject::BodyTimeout
+                | Reject::UpstreamUnreachable
+                | Reject::UpstreamTimeout
+                | Reject::ShuttingDown
+                | Reject::AuthenticationUnavailable
         )
     }
 

@@ -23,6 +23,7 @@ use subtle::ConstantTimeEq;
 use crate::config::{ApiKey, ModelGrant};
 use crate::reject::Reject;
 
+pub mod introspection;
 pub mod jwt;
 pub mod key_format;
 pub mod key_store;
@@ -42,6 +43,8 @@ pub enum AuthMethod {
     Jwt,
     /// A verified client certificate of a known client (and nothing else).
     Mtls,
+    /// An opaque OAuth 2.0 token the authorization server vouched for.
+    OAuth,
     /// No credential, on a route configured to allow that.
     Anonymous,
 }
@@ -53,6 +56,7 @@ impl AuthMethod {
             AuthMethod::ApiKey => "api_key",
             AuthMethod::Jwt => "jwt",
             AuthMethod::Mtls => "mtls",
+            AuthMethod::OAuth => "oauth_introspection",
             AuthMethod::Anonymous => "anonymous",
         }
     }
@@ -169,6 +173,7 @@ pub async fn authenticate(
     keys: &KeyIndex,
     managed: Option<&ManagedKeys>,
     jwt: Option<&jwt::JwtVerifier>,
+    introspection: Option<&introspection::Introspector>,
 ) -> Result<Identity, Reject> {
     let presented = presented_key(headers)?;
     if let Some(verifier) = jwt
@@ -181,7 +186,20 @@ pub async fn authenticate(
             client_cert: None,
         });
     }
-    keys.authenticate(headers, managed)
+    match (keys.authenticate(headers, managed), introspection) {
+        // An opaque bearer token that is no key of ours: ask the authorization
+        // server. Generated keys (`wdn_…`) never leave the gateway.
+        (Err(Reject::InvalidCredential), Some(introspector))
+            if headers.contains_key(http::header::AUTHORIZATION) && !presented.starts_with(key_format::PREFIX) =>
+        {
+            Ok(Identity {
+                method: AuthMethod::OAuth,
+                key: Some(introspector.check(presented).await?),
+                client_cert: None,
+            })
+        }
+        (other, _) => other,
+    }
 }
 
 /// The key id of a generated key the request presents, if it presents one.

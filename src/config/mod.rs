@@ -69,6 +69,45 @@ pub struct Config {
     pub jwt: Option<JwtConfig>,
     /// Clients known by their certificate.
     pub mtls: Option<MtlsConfig>,
+    /// Opaque-token introspection.
+    pub introspection: Option<IntrospectionConfig>,
+}
+
+/// RFC 7662 introspection settings, checked.
+#[derive(Clone)]
+pub struct IntrospectionConfig {
+    /// Endpoint URL.
+    pub endpoint: String,
+    /// Warden's client id.
+    pub client_id: String,
+    /// Warden's client secret.
+    pub client_secret: String,
+    /// Accepted audiences.
+    pub audiences: Vec<String>,
+    /// Required scopes.
+    pub required_scopes: Vec<String>,
+    /// Longest reuse of an active answer.
+    pub cache_ttl: Duration,
+    /// Reuse of an inactive answer.
+    pub negative_cache_ttl: Duration,
+    /// Endpoint timeout.
+    pub timeout: Duration,
+    /// Member naming the tenant.
+    pub tenant_claim: String,
+    /// Member naming the tier.
+    pub tier_claim: Option<String>,
+    /// Models these callers may call.
+    pub models: ModelGrant,
+}
+
+impl fmt::Debug for IntrospectionConfig {
+    // INVARIANT: the client secret never reaches a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IntrospectionConfig")
+            .field("endpoint", &self.endpoint)
+            .field("client_id", &self.client_id)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Clients known by their certificate.
@@ -423,6 +462,10 @@ impl Config {
             .map(|j| check_jwt(j, base, &declared_models, &mut errs));
         let client_ca = raw.listen.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some());
         let mtls = raw.mtls.as_ref().map(|m| check_mtls(m, &declared_models, &mut errs));
+        let introspection = raw
+            .introspection
+            .as_ref()
+            .and_then(|i| check_introspection(i, base, &declared_models, &mut errs));
         if mtls.is_some() && !client_ca {
             errs.push(
                 "mtls",
@@ -449,6 +492,7 @@ impl Config {
                 key_store,
                 jwt,
                 mtls,
+                introspection,
             }),
             _ => Err(ConfigErrors(errs.0)),
         }
@@ -1032,6 +1076,56 @@ fn check_jwt(raw: &raw::RawJwt, base: &Path, models: &HashSet<&str>, errs: &mut 
         max_token_bytes,
         issuers,
     }
+}
+
+fn check_introspection(
+    raw: &raw::RawIntrospection,
+    base: &Path,
+    models: &HashSet<&str>,
+    errs: &mut Errors,
+) -> Option<IntrospectionConfig> {
+    let url = &raw.endpoint;
+    if !(url.starts_with("https://") || url.starts_with("http://127.") || url.starts_with("http://localhost")) {
+        errs.push(
+            "introspection.endpoint",
+            "must be https:// (plain http only on loopback)",
+        );
+    }
+    let client_secret = read_secret(&raw.client_secret, "introspection.client_secret", base, errs);
+    let cache_ttl = errs.duration(
+        "introspection.cache_ttl",
+        raw.cache_ttl.as_deref(),
+        Duration::from_secs(60),
+    );
+    let negative_cache_ttl = errs.duration(
+        "introspection.negative_cache_ttl",
+        raw.negative_cache_ttl.as_deref(),
+        Duration::from_secs(5),
+    );
+    let timeout = errs.duration("introspection.timeout", raw.timeout.as_deref(), Duration::from_secs(2));
+    let grant = if raw.models.iter().any(|m| m == "*") {
+        ModelGrant::All
+    } else {
+        for (j, m) in raw.models.iter().enumerate() {
+            if !models.contains(m.as_str()) {
+                errs.push(&format!("introspection.models[{j}]"), format!("no model named `{m}`"));
+            }
+        }
+        ModelGrant::Only(raw.models.iter().cloned().collect())
+    };
+    Some(IntrospectionConfig {
+        endpoint: raw.endpoint.clone(),
+        client_id: raw.client_id.clone(),
+        client_secret: client_secret?,
+        audiences: raw.audiences.clone(),
+        required_scopes: raw.required_scopes.clone(),
+        cache_ttl,
+        negative_cache_ttl,
+        timeout,
+        tenant_claim: raw.tenant_claim.clone().unwrap_or_else(|| "tenant".to_owned()),
+        tier_claim: raw.tier_claim.clone(),
+        models: grant,
+    })
 }
 
 fn check_mtls(raw: &raw::RawMtls, models: &HashSet<&str>, errs: &mut Errors) -> MtlsConfig {

@@ -30,10 +30,49 @@ pub struct RawConfig {
     /// JWT bearer tokens from trusted issuers.
     #[serde(default)]
     pub jwt: Option<RawJwt>,
+    /// Opaque OAuth 2.0 bearer tokens, checked by RFC 7662 introspection.
+    #[serde(default)]
+    pub introspection: Option<RawIntrospection>,
     /// Clients authenticated by their certificate (needs
     /// `listen.tls.client_ca_file`).
     #[serde(default)]
     pub mtls: Option<RawMtls>,
+}
+
+/// RFC 7662 token introspection.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIntrospection {
+    /// The introspection endpoint (https, or http on loopback).
+    pub endpoint: String,
+    /// Warden's client id at the authorization server.
+    pub client_id: String,
+    /// Warden's client secret, by reference.
+    pub client_secret: RawSecret,
+    /// When the answer has `aud`, it must name one of these.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Scopes every token must carry.
+    #[serde(default)]
+    pub required_scopes: Vec<String>,
+    /// Longest an active answer is reused (never past the token's `exp`). Default `60s`.
+    #[serde(default)]
+    pub cache_ttl: Option<String>,
+    /// How long an inactive answer is reused. Default `5s`.
+    #[serde(default)]
+    pub negative_cache_ttl: Option<String>,
+    /// Time allowed for the endpoint to answer. Default `2s`.
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// Member naming the tenant. Default `tenant`.
+    #[serde(default)]
+    pub tenant_claim: Option<String>,
+    /// Member naming the tier, if any.
+    #[serde(default)]
+    pub tier_claim: Option<String>,
+    /// Models these callers may call; `"*"` for all.
+    #[serde(default)]
+    pub models: Vec<String>,
 }
 
 /// mTLS client identities.

@@ -3,6 +3,7 @@
 mod audit;
 mod errors;
 mod examples;
+mod introspection;
 mod jwt;
 mod keys;
 mod lifecycle;
