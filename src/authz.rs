@@ -16,6 +16,11 @@ pub struct Permit {
 /// Decides whether `identity` may call `model`. Default deny: a caller with
 /// no grant (an anonymous one) may call nothing.
 pub fn authorize_endpoint(identity: &Identity, model: &ModelEndpoint) -> Result<Permit, Reject> {
+    if let Some(accepted) = &model.auth_methods
+        && !accepted.contains(&identity.method)
+    {
+        return Err(Reject::AuthMethodNotAccepted(model.name.clone()));
+    }
     if model.require_mtls && identity.client_cert.is_none() {
         return Err(Reject::ClientCertificateRequired(model.name.clone()));
     }

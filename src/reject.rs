@@ -26,6 +26,9 @@ pub enum Reject {
     /// Too many failed authentications from this address or for this key.
     #[error("too many failed authentications: try again later")]
     TooManyAuthFailures(std::time::Duration),
+    /// The model does not accept the way the caller authenticated.
+    #[error("the model `{0}` does not accept this kind of credential")]
+    AuthMethodNotAccepted(String),
     /// The model needs a verified certificate of a known client.
     #[error("the model `{0}` requires a client certificate")]
     ClientCertificateRequired(String),
@@ -111,6 +114,7 @@ impl Reject {
             | Reject::InvalidCredential
             | Reject::InvalidToken(_)
             | Reject::ClientCertificateRequired(_)
+            | Reject::AuthMethodNotAccepted(_)
             | Reject::ConflictingCredentials => StatusCode::UNAUTHORIZED,
             Reject::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             Reject::TooManyAuthFailures(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -137,6 +141,7 @@ impl Reject {
             Reject::InvalidToken(_) => "invalid_token",
             Reject::TooManyAuthFailures(_) => "too_many_authentication_failures",
             Reject::ClientCertificateRequired(_) => "client_certificate_required",
+            Reject::AuthMethodNotAccepted(_) => "authentication_method_not_accepted",
             Reject::ConflictingCredentials => "conflicting_credentials",
             Reject::UnknownRoute(_) => "unknown_route",
             Reject::MethodNotAllowed(_) => "method_not_allowed",

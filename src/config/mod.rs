@@ -266,6 +266,8 @@ pub struct ModelEndpoint {
     pub max_body_bytes: usize,
     /// Callers need a verified, known client certificate.
     pub require_mtls: bool,
+    /// Authentication methods accepted; `None` means all.
+    pub auth_methods: Option<Vec<crate::authn::AuthMethod>>,
 }
 
 /// A model server.
@@ -889,6 +891,30 @@ fn check_model(
             format!("{max_body_bytes} exceeds listen.max_body_bytes ({max_body_cap})"),
         );
     }
+    let auth_methods = raw.auth.as_ref().map(|names| {
+        names
+            .iter()
+            .filter_map(|name| {
+                use crate::authn::AuthMethod;
+                match name.as_str() {
+                    "api_key" => Some(AuthMethod::ApiKey),
+                    "jwt" => Some(AuthMethod::Jwt),
+                    "oauth" => Some(AuthMethod::OAuth),
+                    "mtls" => Some(AuthMethod::Mtls),
+                    other => {
+                        errs.push(
+                            &format!("{path}.auth"),
+                            format!("unknown method `{other}`; expected `api_key`, `jwt`, `oauth` or `mtls`"),
+                        );
+                        None
+                    }
+                }
+            })
+            .collect::<Vec<_>>()
+    });
+    if auth_methods.as_ref().is_some_and(Vec::is_empty) {
+        errs.push(&format!("{path}.auth"), "must name at least one method");
+    }
     let upstream_model = raw.upstream_model.clone().unwrap_or_else(|| raw.name.clone());
     // OIP v2 puts the upstream's name in the URL path; OpenAI only in the body
     // (where names such as `meta-llama/Llama-3.1-8B-Instruct` are normal).
@@ -909,6 +935,7 @@ fn check_model(
         upstream_model,
         max_body_bytes,
         require_mtls: raw.require_mtls,
+        auth_methods,
     })
 }
 

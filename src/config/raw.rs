@@ -345,6 +345,10 @@ pub struct RawModel {
     /// Largest request body for this model; at most `listen.max_body_bytes`.
     #[serde(default)]
     pub max_body_bytes: Option<RawSize>,
+    /// Authentication methods this model accepts: any of `api_key`, `jwt`,
+    /// `oauth`, `mtls`. Default: every configured method.
+    #[serde(default)]
+    pub auth: Option<Vec<String>>,
     /// Callers must present a verified client certificate of a known client,
     /// besides any token or key they send (both must then pass).
     #[serde(default)]

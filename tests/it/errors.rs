@@ -231,3 +231,24 @@ async fn repeated_authentication_failures_are_refused_for_a_while() {
     assert_eq!(records[3]["reject_reason"], "too_many_authentication_failures");
     assert_eq!(records[3]["client_ip"], "198.51.100.1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_can_limit_the_authentication_methods_it_accepts() {
+    let (chat, fraud) = demo_upstreams().await;
+    let yaml = config(chat, fraud, "").replace(
+        "  - name: fraud-scorer\n",
+        "  - name: jwt-only\n    protocol: openai\n    upstream: chat\n    upstream_model: demo-chat\n    auth: [jwt]\n  - name: fraud-scorer\n",
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let resp = post(&gw, "/v1/chat/completions", Some(ACME), &chat_body("jwt-only", false)).await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(resp.headers()["www-authenticate"], "Bearer");
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "authentication_method_not_accepted");
+    let resp = post(&gw, "/v1/chat/completions", Some(ACME), &chat_body("demo-chat", false)).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    let bad = config(chat, fraud, "").replace("    upstream: chat\n", "    upstream: chat\n    auth: [password]\n");
+    let errors = warden::config::Config::parse(&bad, std::path::Path::new("/")).unwrap_err();
+    assert!(errors.to_string().contains("unknown method `password`"), "{errors}");
+}
