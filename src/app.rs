@@ -155,6 +155,8 @@ pub struct DemoAddresses {
     pub chat: SocketAddr,
     /// Fraud-scoring model.
     pub fraud: SocketAddr,
+    /// The demo token issuer (JWKS).
+    pub issuer: SocketAddr,
 }
 
 impl Default for DemoAddresses {
@@ -165,6 +167,7 @@ impl Default for DemoAddresses {
             admin: at(9090),
             chat: at(8081),
             fraud: at(8082),
+            issuer: at(8083),
         }
     }
 }
@@ -178,22 +181,31 @@ pub async fn start_demo(addresses: &DemoAddresses, audit_dir: &Path) -> anyhow::
     let fraud = TcpListener::bind(addresses.fraud)
         .await
         .with_context(|| format!("cannot bind the fraud model on {}", addresses.fraud))?;
+    let issuer = TcpListener::bind(addresses.issuer)
+        .await
+        .with_context(|| format!("cannot bind the demo token issuer on {}", addresses.issuer))?;
     let bound = DemoAddresses {
         gateway: addresses.gateway,
         admin: addresses.admin,
         chat: chat.local_addr()?,
         fraud: fraud.local_addr()?,
+        issuer: issuer.local_addr()?,
     };
     tokio::spawn(crate::demo::serve_chat_simulator(chat));
     tokio::spawn(crate::demo::serve_fraud_model(fraud));
+    tokio::spawn(crate::demo::issuer::serve_issuer(issuer));
 
     let yaml = DEMO_CONFIG
         .replace("http://127.0.0.1:8081", &format!("http://{}", bound.chat))
-        .replace("http://127.0.0.1:8082", &format!("http://{}", bound.fraud));
-    let mut config = Config::parse(&yaml, audit_dir).map_err(|e| anyhow::anyhow!("embedded demo config: {e}"))?;
-    config.listen.address = addresses.gateway;
-    config.admin_address = addresses.admin;
-    let running = start(config, None).await?;
+        .replace("http://127.0.0.1:8082", &format!("http://{}", bound.fraud))
+        .replace("http://127.0.0.1:8083", &format!("http://{}", bound.issuer))
+        .replace("address: 127.0.0.1:8080", &format!("address: {}", addresses.gateway))
+        .replace("address: 127.0.0.1:9090", &format!("address: {}", addresses.admin));
+    // Written out so that `warden keys --config` can reach the demo's key store.
+    let written = audit_dir.join("warden-demo.yaml");
+    std::fs::write(&written, &yaml).with_context(|| format!("cannot write {}", written.display()))?;
+    let config = Config::parse(&yaml, audit_dir).map_err(|e| anyhow::anyhow!("embedded demo config: {e}"))?;
+    let running = start(config, Some(written)).await?;
     let bound = DemoAddresses {
         gateway: running.address,
         admin: running.admin_address,
@@ -206,6 +218,10 @@ pub async fn start_demo(addresses: &DemoAddresses, audit_dir: &Path) -> anyhow::
 pub fn demo_banner(addresses: &DemoAddresses, audit_file: &Path) -> String {
     let gw = addresses.gateway;
     let [(_, acme), (_, globex)] = DEMO_KEYS;
+    let token = crate::demo::issuer::mint(&format!("http://{}", addresses.issuer), "reporting-job", "acme", 3600)
+        .unwrap_or_else(|e| format!("(the demo token could not be minted: {e})"));
+    let warden = std::env::current_exe().map_or_else(|_| "warden".to_owned(), |p| p.display().to_string());
+    let config = audit_file.with_file_name("warden-demo.yaml");
     format!(
         r#"
 Warden demo is running.
@@ -235,11 +251,18 @@ curl -s -i http://{gw}/v2/models/fraud-scorer/infer -H 'Authorization: Bearer {g
 # 5. acme scores two transactions (200)
 curl -s http://{gw}/v2/models/fraud-scorer/infer -H 'Authorization: Bearer {acme}' -H 'Content-Type: application/json' -d '{{"inputs":[{{"name":"amount","shape":[2],"datatype":"FP64","data":[25.0,4000.0]}},{{"name":"merchant_id","shape":[2],"datatype":"BYTES","data":["m-1","m-77"]}},{{"name":"country","shape":[2],"datatype":"BYTES","data":["US","BR"]}},{{"name":"hour","shape":[2],"datatype":"INT32","data":[14,3]}},{{"name":"card_present","shape":[2],"datatype":"BOOL","data":[true,false]}}]}}'
 
+# 6. A JWT from the demo issuer, valid for an hour (200)
+curl -s http://{gw}/v1/chat/completions -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' -d '{{"model":"demo-chat","messages":[{{"role":"user","content":"Hello from a JWT"}}]}}'
+
+# 7. Make your own key in the demo's key store (printed once; it works within a second)
+{warden} keys --config {config} create --principal you@acme.example --tenant acme --model demo-chat
+
 Press Ctrl-C to stop.
 "#,
         admin = addresses.admin,
         chat = addresses.chat,
         fraud = addresses.fraud,
         audit = audit_file.display(),
+        config = config.display(),
     )
 }

@@ -47,6 +47,9 @@ enum Command {
         /// Fraud-model upstream.
         #[arg(long, default_value = "127.0.0.1:8082")]
         fraud_upstream: SocketAddr,
+        /// Demo token issuer (serves its JWKS).
+        #[arg(long, default_value = "127.0.0.1:8083")]
+        issuer: SocketAddr,
         /// Directory for the demo's audit log.
         #[arg(long)]
         audit_dir: Option<PathBuf>,
@@ -127,6 +130,7 @@ fn main() -> ExitCode {
             admin,
             chat_upstream,
             fraud_upstream,
+            issuer,
             audit_dir,
         } => run(demo(
             app::DemoAddresses {
@@ -134,6 +138,7 @@ fn main() -> ExitCode {
                 admin,
                 chat: chat_upstream,
                 fraud: fraud_upstream,
+                issuer,
             },
             audit_dir,
         )),

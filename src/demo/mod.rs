@@ -14,6 +14,7 @@
 
 pub mod chat;
 pub mod fraud;
+pub mod issuer;
 
 use std::collections::VecDeque;
 use std::convert::Infallible;

@@ -455,6 +455,8 @@ async fn demo_prints_commands_that_work() {
         .arg(chat.to_string())
         .arg("--fraud-upstream")
         .arg(fraud.to_string())
+        .arg("--issuer")
+        .arg(free_address().to_string())
         .arg("--audit-dir")
         .arg(audit_dir.path())
         .stdin(Stdio::null())
@@ -488,7 +490,7 @@ async fn demo_prints_commands_that_work() {
     assert!(text.contains(&format!("gateway      http://{gateway}")), "{text}");
     assert!(text.contains(&format!("http://{admin}/metrics")), "{text}");
     let commands: Vec<&String> = banner.iter().filter(|l| l.starts_with("curl ")).collect();
-    assert_eq!(commands.len(), 5, "{text}");
+    assert_eq!(commands.len(), 6, "{text}");
 
     let mut outputs = Vec::new();
     for command in &commands {
@@ -509,7 +511,42 @@ async fn demo_prints_commands_that_work() {
         outputs.push((code.trim().to_owned(), body.to_owned()));
     }
     let codes: Vec<&str> = outputs.iter().map(|(c, _)| c.as_str()).collect();
-    assert_eq!(codes, ["200", "200", "401", "403", "200"], "{outputs:#?}");
+    assert_eq!(codes, ["200", "200", "401", "403", "200", "200"], "{outputs:#?}");
+    assert!(outputs[5].1.contains("Hello from a JWT"), "{}", outputs[5].1);
+
+    // The printed `warden keys … create` command makes a key the demo accepts.
+    let keys_command = banner
+        .iter()
+        .skip_while(|l| !l.starts_with("# 7."))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no keys command in {text}"));
+    assert!(
+        keys_command.contains(" keys --config ") && keys_command.contains(" create "),
+        "{keys_command}"
+    );
+    let created = Command::new("sh").arg("-c").arg(keys_command).output().await.unwrap();
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let created: Value = serde_json::from_slice(&created.stdout).unwrap();
+    let key = created["key"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let status = fresh_client()
+            .post(format!("http://{gateway}/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(&chat_body("demo-chat", false))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if status == StatusCode::OK {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the demo never accepted the key it printed a command for"
+        );
+        sleep(Duration::from_millis(100)).await;
+    }
     let reply: Value = serde_json::from_str(&outputs[0].1).unwrap();
     assert!(
         reply["choices"][0]["message"]["content"]
@@ -541,7 +578,9 @@ async fn demo_prints_commands_that_work() {
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap()["status"].as_u64().unwrap())
         .collect();
-    assert_eq!(statuses, [200, 200, 401, 403, 200], "{audit}");
+    // The six printed calls, then the new key's (401 until the store was read).
+    assert_eq!(statuses[..6], [200, 200, 401, 403, 200, 200], "{audit}");
+    assert_eq!(statuses.last(), Some(&200), "{audit}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
