@@ -39,6 +39,7 @@ FRAUD_PORT="${FRAUD_PORT:-28082}"
 NGINX_PORT="${NGINX_PORT:-28083}"
 DEMO_PORT="${DEMO_PORT:-28084}"
 DEMO_ADMIN_PORT="${DEMO_ADMIN_PORT:-29091}"
+ISSUER_PORT="${ISSUER_PORT:-28085}"
 NGINX_BIN="${NGINX_BIN:-/usr/sbin/nginx}"
 RESULTS_MD="${RESULTS_MD:-bench/results/latest.md}"
 API_KEY="wdn_demo_acme_7Hq2mX9vLk4pR8sT"
@@ -145,7 +146,7 @@ WARDEN_BIN="$(cd "$(dirname "$WARDEN_BIN")" && pwd)/$(basename "$WARDEN_BIN")"
 # ---------------------------------------------------------------- helpers
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-for p in "$GATEWAY_PORT" "$ADMIN_PORT" "$CHAT_PORT" "$FRAUD_PORT" "$NGINX_PORT" "$DEMO_PORT" "$DEMO_ADMIN_PORT"; do
+for p in "$ISSUER_PORT" "$GATEWAY_PORT" "$ADMIN_PORT" "$CHAT_PORT" "$FRAUD_PORT" "$NGINX_PORT" "$DEMO_PORT" "$DEMO_ADMIN_PORT"; do
     port_busy "$p" && die "port 127.0.0.1:$p is already in use (override the *_PORT variables)"
 done
 
@@ -218,7 +219,7 @@ PY
 # 1. The upstream: a `warden demo` process; only its chat simulator port is used.
 log "starting the upstream: warden demo (chat simulator on 127.0.0.1:$CHAT_PORT)"
 "$WARDEN_BIN" demo --listen "127.0.0.1:$DEMO_PORT" --admin "127.0.0.1:$DEMO_ADMIN_PORT" \
-    --chat-upstream "127.0.0.1:$CHAT_PORT" --fraud-upstream "127.0.0.1:$FRAUD_PORT" \
+    --chat-upstream "127.0.0.1:$CHAT_PORT" --fraud-upstream "127.0.0.1:$FRAUD_PORT" --issuer "127.0.0.1:$ISSUER_PORT" \
     --audit-dir "$TMP/demo-audit" >"$TMP/logs/upstream-demo.log" 2>&1 &
 UPSTREAM_PID=$!
 PIDS+=("$UPSTREAM_PID")
