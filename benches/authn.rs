@@ -17,7 +17,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
 use sha2::Digest;
 use warden::authn::KeyIndex;
 use warden::authn::jwt::{Issuer, JwtVerifier, Keys, VerificationKey};
-use warden::config::{ApiKey, ModelGrant};
+use warden::config::{ApiKey, IssuerConfig, ModelGrant};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/jwt");
 const BATCH: usize = 1_000;
@@ -109,15 +109,23 @@ fn main() {
     }
     let verifier = JwtVerifier::new(
         vec![Issuer {
-            issuer: "https://issuer.test".into(),
-            audiences: vec!["warden".into()],
-            algorithms: vec![Algorithm::RS256, Algorithm::ES256],
-            typ: None,
-            leeway: 30,
+            settings: IssuerConfig {
+                issuer: "https://issuer.test".into(),
+                audiences: vec!["warden".into()],
+                algorithms: vec![Algorithm::RS256, Algorithm::ES256],
+                typ: None,
+                leeway: 30,
+                jwks_url: None,
+                discovery_url: None,
+                static_keys: Vec::new(),
+                min_refresh_interval: std::time::Duration::from_secs(30),
+                principal_claim: None,
+                tenant: None,
+                tenant_claim: "tenant".into(),
+                tier_claim: None,
+                models: ModelGrant::All,
+            },
             keys: Keys::Static(static_keys),
-            tenant_claim: "tenant".into(),
-            tier_claim: None,
-            models: ModelGrant::All,
         }],
         8 * 1024,
     );

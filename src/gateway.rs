@@ -14,7 +14,7 @@ use arc_swap::ArcSwap;
 use crate::admin::metrics::Metrics;
 use crate::audit::AuditLog;
 use crate::authn::introspection::Introspector;
-use crate::authn::jwt::{Issuer, JwksCache, JwtVerifier, Keys};
+use crate::authn::jwt::JwtVerifier;
 use crate::authn::key_store::{KeyStore, KeyStoreError};
 use crate::authn::lockout::FailureLimiter;
 use crate::authn::{KeyIndex, ManagedKeys};
@@ -87,27 +87,7 @@ impl Runtime {
         };
         let jwt = match &config.jwt {
             None => None,
-            Some(settings) => {
-                let mut issuers = Vec::new();
-                for i in &settings.issuers {
-                    let keys = match &i.jwks_url {
-                        Some(url) => Keys::Jwks(JwksCache::start(url.clone(), i.min_refresh_interval).await),
-                        None => Keys::Static(i.static_keys.clone()),
-                    };
-                    issuers.push(Issuer {
-                        issuer: i.issuer.clone(),
-                        audiences: i.audiences.clone(),
-                        algorithms: i.algorithms.clone(),
-                        typ: i.typ.clone(),
-                        leeway: i.leeway,
-                        keys,
-                        tenant_claim: i.tenant_claim.clone(),
-                        tier_claim: i.tier_claim.clone(),
-                        models: i.models.clone(),
-                    });
-                }
-                Some(JwtVerifier::new(issuers, settings.max_token_bytes))
-            }
+            Some(settings) => Some(JwtVerifier::start(settings).await),
         };
         let (max_failures, window) = config.listen.auth_failure_limit;
         let lockout = match previous {

@@ -30,7 +30,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, jwk::JwkSet};
 use serde_json::Value;
 
 use super::strict_json;
-use crate::config::{ApiKey, ModelGrant};
+use crate::config::{ApiKey, IssuerConfig, JwtConfig};
 
 /// Why a token was refused. The name is audited; the client only hears
 /// "invalid bearer token".
@@ -92,32 +92,18 @@ pub enum TokenError {
     WrongAudience,
 }
 
-/// One trusted issuer.
+/// One trusted issuer: its checked settings and its keys.
 pub struct Issuer {
-    /// `iss`, exactly.
-    pub issuer: String,
-    /// Accepted audiences.
-    pub audiences: Vec<String>,
-    /// Accepted algorithms.
-    pub algorithms: Vec<Algorithm>,
-    /// Required `typ`, if any (compared case-insensitively, as RFC 7515 says).
-    pub typ: Option<String>,
-    /// Clock skew allowed on `exp`, `nbf`, `iat`, in seconds.
-    pub leeway: i64,
+    /// Issuer, audiences, algorithms, claim mapping.
+    pub settings: IssuerConfig,
     /// Where its keys come from.
     pub keys: Keys,
-    /// Claim holding the tenant.
-    pub tenant_claim: String,
-    /// Claim holding the tier, if any.
-    pub tier_claim: Option<String>,
-    /// Models its callers may call.
-    pub models: ModelGrant,
 }
 
 impl std::fmt::Debug for Issuer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Issuer")
-            .field("issuer", &self.issuer)
+            .field("issuer", &self.settings.issuer)
             .finish_non_exhaustive()
     }
 }
@@ -192,6 +178,35 @@ impl JwksCache {
     }
 }
 
+/// The `jwks_uri` of an OpenID provider, whose discovery document must name
+/// `issuer` exactly (OpenID Connect Discovery 1.0, §4.3).
+async fn discover_jwks_uri(discovery: &str, issuer: &str) -> Result<String, String> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let document: Value = client
+        .get(discovery)
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .map_err(|e| e.to_string())?
+        .json()
+        .await
+        .map_err(|e| e.to_string())?;
+    if document.get("issuer").and_then(Value::as_str) != Some(issuer) {
+        return Err(format!("the discovery document does not name the issuer `{issuer}`"));
+    }
+    let uri = document
+        .get("jwks_uri")
+        .and_then(Value::as_str)
+        .ok_or("the discovery document has no `jwks_uri`")?;
+    if !(uri.starts_with("https://") || uri.starts_with("http://127.") || uri.starts_with("http://localhost")) {
+        return Err(format!("`jwks_uri` `{uri}` is not https"));
+    }
+    Ok(uri.to_owned())
+}
+
 /// The usable keys of a JWKS document.
 pub fn jwks_keys(bytes: &[u8]) -> Result<Vec<VerificationKey>, String> {
     let set: JwkSet = serde_json::from_slice(bytes).map_err(|e| format!("not a JWKS: {e}"))?;
@@ -221,10 +236,36 @@ pub struct JwtVerifier {
 }
 
 impl JwtVerifier {
+    /// Builds the issuers' key sources: fixed keys, a JWKS URL, or one found
+    /// by OpenID Connect discovery (whose `issuer` must match exactly; if it
+    /// cannot be read, that issuer has no keys and its tokens are refused).
+    pub async fn start(settings: &JwtConfig) -> JwtVerifier {
+        let mut issuers = Vec::new();
+        for i in &settings.issuers {
+            let min = i.min_refresh_interval;
+            let keys = match (&i.jwks_url, &i.discovery_url) {
+                (Some(url), _) => Keys::Jwks(JwksCache::start(url.clone(), min).await),
+                (None, Some(discovery)) => match discover_jwks_uri(discovery, &i.issuer).await {
+                    Ok(url) => Keys::Jwks(JwksCache::start(url, min).await),
+                    Err(e) => {
+                        tracing::error!(issuer = %i.issuer, error = %e, "OIDC discovery failed; this issuer's tokens are refused until a reload");
+                        Keys::Static(Vec::new())
+                    }
+                },
+                (None, None) => Keys::Static(i.static_keys.clone()),
+            };
+            issuers.push(Issuer {
+                settings: i.clone(),
+                keys,
+            });
+        }
+        JwtVerifier::new(issuers, settings.max_token_bytes)
+    }
+
     /// A verifier for these issuers.
     pub fn new(issuers: Vec<Issuer>, max_token_bytes: usize) -> JwtVerifier {
         JwtVerifier {
-            issuers: issuers.into_iter().map(|i| (i.issuer.clone(), i)).collect(),
+            issuers: issuers.into_iter().map(|i| (i.settings.issuer.clone(), i)).collect(),
             max_token_bytes,
         }
     }
@@ -259,12 +300,13 @@ impl JwtVerifier {
         let issuer = self.issuers.get(iss).ok_or(TokenError::UnknownIssuer)?;
         // Exact spelling only: "RS256" is an algorithm, "rs256" is not.
         let alg = issuer
+            .settings
             .algorithms
             .iter()
             .copied()
             .find(|a| alg_label(*a) == Some(alg_name))
             .ok_or(TokenError::AlgNotAllowed)?;
-        if let Some(typ) = &issuer.typ {
+        if let Some(typ) = &issuer.settings.typ {
             let given = header.get("typ").and_then(Value::as_str).unwrap_or("");
             if !given.eq_ignore_ascii_case(typ) {
                 return Err(TokenError::WrongTyp);
@@ -284,8 +326,8 @@ impl JwtVerifier {
             _ => return Err(TokenError::BadSignature),
         }
 
-        check_claims(issuer, &claims, jiff::Timestamp::now().as_second())?;
-        identity(issuer, &claims, token)
+        check_claims(&issuer.settings, &claims, jiff::Timestamp::now().as_second())?;
+        identity(&issuer.settings, &claims, token)
     }
 }
 
@@ -323,7 +365,7 @@ async fn find_key(issuer: &Issuer, kid: Option<&str>, alg: Algorithm) -> Result<
     }
 }
 
-fn check_claims(issuer: &Issuer, claims: &Value, now: i64) -> Result<(), TokenError> {
+fn check_claims(issuer: &IssuerConfig, claims: &Value, now: i64) -> Result<(), TokenError> {
     let date = |name: &str| -> Result<Option<f64>, TokenError> {
         match claims.get(name) {
             None => Ok(None),
@@ -363,16 +405,20 @@ fn check_claims(issuer: &Issuer, claims: &Value, now: i64) -> Result<(), TokenEr
     Ok(())
 }
 
-fn identity(issuer: &Issuer, claims: &Value, token: &str) -> Result<ApiKey, TokenError> {
-    let text = |name: &str| claims.get(name).and_then(Value::as_str).map(str::to_owned);
-    let sub = text("sub").ok_or(TokenError::MissingClaim)?;
-    let tenant = match claims.get(&issuer.tenant_claim) {
-        Some(Value::String(t)) if !t.is_empty() => t.clone(),
-        Some(Value::String(_)) | None => return Err(TokenError::MissingClaim),
-        Some(_) => return Err(TokenError::BadClaimType),
+fn identity(issuer: &IssuerConfig, claims: &Value, token: &str) -> Result<ApiKey, TokenError> {
+    let text = |name: &str| claim(claims, name).and_then(Value::as_str).map(str::to_owned);
+    let principal = match &issuer.principal_claim {
+        Some(name) => text(name).filter(|p| !p.is_empty()).ok_or(TokenError::MissingClaim)?,
+        None => format!("{}#{}", issuer.issuer, text("sub").ok_or(TokenError::MissingClaim)?),
+    };
+    let tenant = match (claim(claims, &issuer.tenant_claim), &issuer.tenant) {
+        (Some(Value::String(t)), _) if !t.is_empty() => t.clone(),
+        (Some(Value::String(_)) | None, Some(fixed)) => fixed.clone(),
+        (Some(Value::String(_)) | None, None) => return Err(TokenError::MissingClaim),
+        (Some(_), _) => return Err(TokenError::BadClaimType),
     };
     // The credential id names this token without revealing it: its `jti`,
-    // or a fingerprint of its signature.
+    // or a fingerprint of the token.
     let id = text("jti").map_or_else(
         || {
             use sha2::Digest;
@@ -384,11 +430,21 @@ fn identity(issuer: &Issuer, claims: &Value, token: &str) -> Result<ApiKey, Toke
     Ok(ApiKey {
         id,
         digest: [0; 32],
-        principal: format!("{}#{sub}", issuer.issuer),
+        principal,
         tenant,
         tier: issuer.tier_claim.as_deref().and_then(text),
         models: issuer.models.clone(),
     })
+}
+
+/// A claim by name, or by JSON pointer when the name starts with `/`
+/// (nested claims such as Kubernetes' `/kubernetes.io/namespace`).
+fn claim<'a>(claims: &'a Value, name: &str) -> Option<&'a Value> {
+    if name.starts_with('/') {
+        claims.pointer(name)
+    } else {
+        claims.get(name)
+    }
 }
 
 fn decode_object(segment: &str) -> Result<Value, TokenError> {

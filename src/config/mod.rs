@@ -143,6 +143,12 @@ pub struct IssuerConfig {
     pub leeway: i64,
     /// JWKS URL, if keys are fetched.
     pub jwks_url: Option<String>,
+    /// OpenID Connect discovery URL, if keys are found through it.
+    pub discovery_url: Option<String>,
+    /// Claim naming the principal; `None` means `<iss>#<sub>`.
+    pub principal_claim: Option<String>,
+    /// Tenant for callers whose token names none.
+    pub tenant: Option<String>,
     /// Keys given in the configuration (JWKS file, HMAC secret).
     pub static_keys: Vec<crate::authn::jwt::VerificationKey>,
     /// Fewest time between JWKS fetches.
@@ -999,10 +1005,22 @@ fn check_jwt(raw: &raw::RawJwt, base: &Path, models: &HashSet<&str>, errs: &mut 
         errs.push("jwt.issuers", "name at least one issuer");
     }
     let mut issuers = Vec::new();
-    let mut seen = HashSet::new();
+    let mut seen: HashSet<String> = HashSet::new();
     for (i, r) in raw.issuers.iter().enumerate() {
         let path = format!("jwt.issuers[{i}]");
-        if r.issuer.is_empty() || !seen.insert(r.issuer.as_str()) {
+        let preset = match r.preset.as_deref() {
+            None => Preset::default(),
+            Some(name) => match preset(name, r.azure_tenant_id.as_deref()) {
+                Ok(p) => p,
+                Err(msg) => {
+                    errs.push(&format!("{path}.preset"), msg);
+                    Preset::default()
+                }
+            },
+        };
+        let issuer = r.issuer.clone().or(preset.issuer).unwrap_or_default();
+        let discovery_url = r.discovery_url.clone().or(preset.discovery_url);
+        if issuer.is_empty() || !seen.insert(issuer.clone()) {
             errs.push(&format!("{path}.issuer"), "must be non-empty and unique");
         }
         if r.audiences.is_empty() {
@@ -1052,19 +1070,24 @@ fn check_jwt(raw: &raw::RawJwt, base: &Path, models: &HashSet<&str>, errs: &mut 
                 Err(e) => errs.push(&format!("{path}.jwks_file"), format!("`{}`: {e}", file.display())),
             }
         }
-        if r.jwks_url.is_some() == (r.jwks_file.is_some() || r.hmac_secret.is_some()) {
+        let sources = usize::from(r.jwks_url.is_some())
+            + usize::from(discovery_url.is_some())
+            + usize::from(r.jwks_file.is_some() || r.hmac_secret.is_some());
+        if sources != 1 {
             errs.push(
                 &path,
-                "give keys by exactly one of `jwks_url`, or `jwks_file`/`hmac_secret`",
+                "give keys by exactly one of `jwks_url`, `discovery_url` (or a preset), or `jwks_file`/`hmac_secret`",
             );
         }
-        if let Some(url) = &r.jwks_url
-            && !(url.starts_with("https://") || url.starts_with("http://127.") || url.starts_with("http://localhost"))
-        {
-            errs.push(
-                &format!("{path}.jwks_url"),
-                "must be https:// (plain http only on loopback)",
-            );
+        for (field, url) in [("jwks_url", &r.jwks_url), ("discovery_url", &discovery_url)] {
+            if let Some(url) = url
+                && !fetchable(url)
+            {
+                errs.push(
+                    &format!("{path}.{field}"),
+                    "must be https:// (plain http only on loopback)",
+                );
+            }
         }
         let leeway = errs.duration(&format!("{path}.leeway"), r.leeway.as_deref(), Duration::from_secs(30));
         if leeway > Duration::from_secs(300) {
@@ -1086,7 +1109,10 @@ fn check_jwt(raw: &raw::RawJwt, base: &Path, models: &HashSet<&str>, errs: &mut 
             ModelGrant::Only(r.models.iter().cloned().collect())
         };
         issuers.push(IssuerConfig {
-            issuer: r.issuer.clone(),
+            issuer,
+            discovery_url,
+            principal_claim: r.principal_claim.clone().or(preset.principal_claim),
+            tenant: r.tenant.clone(),
             audiences: r.audiences.clone(),
             algorithms,
             typ: r.typ.clone(),
@@ -1094,7 +1120,11 @@ fn check_jwt(raw: &raw::RawJwt, base: &Path, models: &HashSet<&str>, errs: &mut 
             jwks_url: r.jwks_url.clone(),
             static_keys,
             min_refresh_interval,
-            tenant_claim: r.tenant_claim.clone().unwrap_or_else(|| "tenant".to_owned()),
+            tenant_claim: r
+                .tenant_claim
+                .clone()
+                .or(preset.tenant_claim)
+                .unwrap_or_else(|| "tenant".to_owned()),
             tier_claim: r.tier_claim.clone(),
             models: grant,
         });
@@ -1153,6 +1183,59 @@ fn check_introspection(
         tier_claim: raw.tier_claim.clone(),
         models: grant,
     })
+}
+
+/// What a known identity provider's preset fills in.
+#[derive(Default)]
+struct Preset {
+    issuer: Option<String>,
+    discovery_url: Option<String>,
+    principal_claim: Option<String>,
+    tenant_claim: Option<String>,
+}
+
+/// Known identity providers. Their tokens are OIDC JWTs: the preset names
+/// the issuer, where its keys are found, and which claims identify a caller.
+fn preset(name: &str, azure_tenant: Option<&str>) -> Result<Preset, String> {
+    match name {
+        // GCP service accounts (and Google users): `email` names the caller.
+        "google" => Ok(Preset {
+            issuer: Some("https://accounts.google.com".into()),
+            discovery_url: Some("https://accounts.google.com/.well-known/openid-configuration".into()),
+            principal_claim: Some("email".into()),
+            tenant_claim: None,
+        }),
+        // Entra ID managed identities and apps: `oid` names the caller, `tid`
+        // the directory.
+        "azure" => {
+            let tenant = azure_tenant
+                .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+                .ok_or("`azure` needs `azure_tenant_id` (the directory id)")?;
+            Ok(Preset {
+                issuer: Some(format!("https://login.microsoftonline.com/{tenant}/v2.0")),
+                discovery_url: Some(format!(
+                    "https://login.microsoftonline.com/{tenant}/v2.0/.well-known/openid-configuration"
+                )),
+                principal_claim: Some("oid".into()),
+                tenant_claim: Some("tid".into()),
+            })
+        }
+        // Projected service-account tokens: the cluster's issuer and JWKS
+        // are configured; `sub` is `system:serviceaccount:<ns>:<name>`.
+        "kubernetes" => Ok(Preset {
+            principal_claim: Some("sub".into()),
+            tenant_claim: Some("/kubernetes.io/namespace".into()),
+            ..Preset::default()
+        }),
+        other => Err(format!(
+            "unknown preset `{other}`; expected `google`, `azure` or `kubernetes`"
+        )),
+    }
+}
+
+/// Whether Warden may fetch keys from `url`: https, or http on loopback.
+fn fetchable(url: &str) -> bool {
+    url.starts_with("https://") || url.starts_with("http://127.") || url.starts_with("http://localhost")
 }
 
 fn check_mtls(raw: &raw::RawMtls, models: &HashSet<&str>, errs: &mut Errors) -> MtlsConfig {

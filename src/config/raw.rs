@@ -117,8 +117,29 @@ pub struct RawJwt {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawIssuer {
-    /// The `iss` claim, exactly.
-    pub issuer: String,
+    /// Defaults for a known identity provider: `google` (GCP service
+    /// accounts and users), `azure` (Entra ID; needs `azure_tenant_id`) or
+    /// `kubernetes` (projected service-account tokens; needs `issuer` and
+    /// `jwks_url`). Fields set here override the preset's.
+    #[serde(default)]
+    pub preset: Option<String>,
+    /// The Entra ID (Azure AD) tenant, for `preset: azure`.
+    #[serde(default)]
+    pub azure_tenant_id: Option<String>,
+    /// The `iss` claim, exactly (the preset's when omitted).
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// OpenID Connect discovery URL; its `issuer` must equal ours and its
+    /// `jwks_uri` gives the keys.
+    #[serde(default)]
+    pub discovery_url: Option<String>,
+    /// Claim (or JSON pointer, e.g. `/kubernetes.io/namespace`) naming the
+    /// principal. Default: `<iss>#<sub>`.
+    #[serde(default)]
+    pub principal_claim: Option<String>,
+    /// Tenant for every caller of this issuer, when tokens carry none.
+    #[serde(default)]
+    pub tenant: Option<String>,
     /// Accepted `aud` values; a token must name one.
     pub audiences: Vec<String>,
     /// Accepted algorithms. Default: RS256, PS256, ES256, EdDSA. HMAC
@@ -143,10 +164,10 @@ pub struct RawIssuer {
     /// Fewest time between two JWKS fetches. Default `30s`.
     #[serde(default)]
     pub min_refresh_interval: Option<String>,
-    /// Claim naming the tenant. Default `tenant`.
+    /// Claim (or JSON pointer) naming the tenant. Default `tenant`.
     #[serde(default)]
     pub tenant_claim: Option<String>,
-    /// Claim naming the tier, if any.
+    /// Claim (or JSON pointer) naming the tier, if any.
     #[serde(default)]
     pub tier_claim: Option<String>,
     /// Models callers with this issuer's tokens may call; `"*"` for all.

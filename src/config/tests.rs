@@ -116,3 +116,59 @@ fn sizes_and_durations() {
     let too_big = text.replace("    upstream: up\n", "    upstream: up\n    max_body_bytes: 3MiB\n");
     assert_eq!(paths(&too_big), ["models[0].max_body_bytes"]);
 }
+
+#[test]
+fn identity_provider_presets() {
+    let jwt = |issuer_yaml: &str| {
+        MINIMAL.replace(
+            "api_keys:",
+            &format!("jwt:\n  issuers:\n    - audiences: [warden]\n      models: [m]\n{issuer_yaml}\napi_keys:"),
+        )
+    };
+    let google = Config::parse(&jwt("      preset: google\n      tenant: acme"), Path::new("/")).unwrap();
+    let issuer = &google.jwt.as_ref().unwrap().issuers[0];
+    assert_eq!(issuer.issuer, "https://accounts.google.com");
+    assert_eq!(
+        issuer.discovery_url.as_deref(),
+        Some("https://accounts.google.com/.well-known/openid-configuration")
+    );
+    assert_eq!(issuer.principal_claim.as_deref(), Some("email"));
+    assert_eq!(issuer.tenant.as_deref(), Some("acme"));
+
+    let azure = Config::parse(
+        &jwt("      preset: azure\n      azure_tenant_id: 72f988bf-86f1-41af"),
+        Path::new("/"),
+    )
+    .unwrap();
+    let issuer = &azure.jwt.as_ref().unwrap().issuers[0];
+    assert_eq!(
+        issuer.issuer,
+        "https://login.microsoftonline.com/72f988bf-86f1-41af/v2.0"
+    );
+    assert_eq!(issuer.principal_claim.as_deref(), Some("oid"));
+    assert_eq!(issuer.tenant_claim, "tid");
+    assert_eq!(
+        paths(&jwt("      preset: azure")),
+        ["jwt.issuers[0].preset", "jwt.issuers[0].issuer", "jwt.issuers[0]"]
+    );
+
+    // Kubernetes: the cluster's issuer and JWKS must be given.
+    let k8s = "      preset: kubernetes\n      issuer: https://kubernetes.default.svc\n      jwks_url: https://10.0.0.1/openid/v1/jwks";
+    let kube = Config::parse(&jwt(k8s), Path::new("/")).unwrap();
+    assert_eq!(
+        kube.jwt.as_ref().unwrap().issuers[0].tenant_claim,
+        "/kubernetes.io/namespace"
+    );
+    assert_eq!(
+        paths(&jwt("      preset: kubernetes\n      issuer: https://k")),
+        ["jwt.issuers[0]"]
+    );
+    assert_eq!(
+        paths(&jwt("      preset: okta")),
+        ["jwt.issuers[0].preset", "jwt.issuers[0].issuer", "jwt.issuers[0]"]
+    );
+    assert_eq!(
+        paths(&jwt("      issuer: https://x\n      jwks_url: http://203.0.113.5/jwks")),
+        ["jwt.issuers[0].jwks_url"]
+    );
+}

@@ -389,3 +389,73 @@ async fn status_of(gw: &TestGateway, token: &str) -> StatusCode {
         .await
         .status()
 }
+
+/// An OpenID provider at `addr`: its discovery document names `issuer` and
+/// points at its JWKS.
+async fn openid_provider(issuer_override: Option<&'static str>) -> std::net::SocketAddr {
+    let addr = Arc::new(Mutex::new(None::<std::net::SocketAddr>));
+    let me = Arc::clone(&addr);
+    let bound = spawn_upstream(move |req: hyper::Request<hyper::body::Incoming>| {
+        let me = *me.lock().unwrap();
+        async move {
+            let base = format!("http://{}", me.unwrap());
+            let body = match req.uri().path() {
+                "/.well-known/openid-configuration" => json!({
+                    "issuer": issuer_override.map_or(base.clone(), str::to_owned),
+                    "jwks_uri": format!("{base}/keys"),
+                })
+                .to_string()
+                .into_bytes(),
+                "/keys" => fixture("jwks.json"),
+                _ => b"{}".to_vec(),
+            };
+            hyper::Response::builder()
+                .header("content-type", "application/json")
+                .body(full(body))
+                .unwrap()
+        }
+    })
+    .await;
+    *addr.lock().unwrap() = Some(bound);
+    bound
+}
+
+async fn kubernetes_gateway(provider: std::net::SocketAddr) -> TestGateway {
+    let (chat, fraud) = demo_upstreams().await;
+    let yaml = config(chat, fraud, "").replace(
+        "api_keys:",
+        &format!(
+            "jwt:\n  issuers:\n    - preset: kubernetes\n      issuer: http://{provider}\n      discovery_url: http://{provider}/.well-known/openid-configuration\n      audiences: [warden]\n      models: [demo-chat]\napi_keys:"
+        ),
+    );
+    TestGateway::start(&yaml).await
+}
+
+fn service_account_token(issuer: &str) -> String {
+    let claims = json!({
+        "iss": issuer, "aud": ["warden"], "exp": now() + 600, "iat": now(),
+        "sub": "system:serviceaccount:prod:batch",
+        "kubernetes.io": {"namespace": "prod", "serviceaccount": {"name": "batch", "uid": "1234"}},
+    });
+    rs256(&claims)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_found_by_oidc_discovery_and_nested_claims_mapped() {
+    let provider = openid_provider(None).await;
+    let gw = kubernetes_gateway(provider).await;
+    let token = service_account_token(&format!("http://{provider}"));
+    assert_eq!(status_of(&gw, &token).await, StatusCode::OK);
+    let records = gw.audit(1).await;
+    assert_eq!(records[0]["principal"], "system:serviceaccount:prod:batch");
+    assert_eq!(records[0]["tenant"], "prod");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_discovery_document_for_another_issuer_is_not_trusted() {
+    let provider = openid_provider(Some("https://someone-else.example")).await;
+    let gw = kubernetes_gateway(provider).await;
+    let token = service_account_token(&format!("http://{provider}"));
+    assert_eq!(status_of(&gw, &token).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(gw.audit(1).await[0]["reject_detail"], "unknown_kid");
+}
