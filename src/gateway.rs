@@ -13,6 +13,7 @@ use arc_swap::ArcSwap;
 
 use crate::admin::metrics::Metrics;
 use crate::audit::AuditLog;
+use crate::authn::aws::AwsVerifier;
 use crate::authn::introspection::Introspector;
 use crate::authn::jwt::JwtVerifier;
 use crate::authn::key_store::{KeyStore, KeyStoreError};
@@ -38,6 +39,8 @@ pub struct Runtime {
     pub jwt: Option<JwtVerifier>,
     /// Opaque-token introspection, when configured.
     pub introspection: Option<Introspector>,
+    /// AWS IAM callers through STS, when configured.
+    pub aws: Option<AwsVerifier>,
     /// Failed authentications per source; survives reloads that keep its settings.
     pub lockout: Arc<FailureLimiter>,
 }
@@ -95,7 +98,9 @@ impl Runtime {
             _ => Arc::new(FailureLimiter::new(max_failures, window)),
         };
         let introspection = config.introspection.clone().map(Introspector::new);
+        let aws = config.aws.clone().map(AwsVerifier::new);
         Ok(Runtime {
+            aws,
             introspection,
             lockout,
             jwt,

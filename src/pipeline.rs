@@ -228,10 +228,13 @@ async fn authenticate(rt: &Runtime, route: &Route, headers: &http::HeaderMap, pe
     // is kept alongside for routes that require both.
     let mut identity = crate::authn::authenticate(
         headers,
-        &rt.keys,
-        rt.managed_keys.as_deref(),
-        rt.jwt.as_ref(),
-        rt.introspection.as_ref(),
+        crate::authn::Authenticators {
+            keys: &rt.keys,
+            managed: rt.managed_keys.as_deref(),
+            jwt: rt.jwt.as_ref(),
+            introspection: rt.introspection.as_ref(),
+            aws: rt.aws.as_ref(),
+        },
     )
     .await?;
     identity.client_cert = client;

@@ -23,6 +23,7 @@ use subtle::ConstantTimeEq;
 use crate::config::{ApiKey, ModelGrant};
 use crate::reject::Reject;
 
+pub mod aws;
 pub mod introspection;
 pub mod jwt;
 pub mod key_format;
@@ -45,6 +46,8 @@ pub enum AuthMethod {
     Mtls,
     /// An opaque OAuth 2.0 token the authorization server vouched for.
     OAuth,
+    /// An AWS IAM principal, by a signed `sts:GetCallerIdentity` request.
+    AwsIam,
     /// No credential, on a route configured to allow that.
     Anonymous,
 }
@@ -57,6 +60,7 @@ impl AuthMethod {
             AuthMethod::Jwt => "jwt",
             AuthMethod::Mtls => "mtls",
             AuthMethod::OAuth => "oauth_introspection",
+            AuthMethod::AwsIam => "aws_iam",
             AuthMethod::Anonymous => "anonymous",
         }
     }
@@ -164,19 +168,41 @@ impl KeyIndex {
     }
 }
 
-/// Authenticates a request: a bearer credential shaped like a JWT goes to
-/// the JWT verifier (when issuers are configured), anything else is an API
-/// key. A request carrying both `Authorization` and `x-api-key` with
-/// different values is refused as ambiguous.
-pub async fn authenticate(
-    headers: &HeaderMap,
-    keys: &KeyIndex,
-    managed: Option<&ManagedKeys>,
-    jwt: Option<&jwt::JwtVerifier>,
-    introspection: Option<&introspection::Introspector>,
-) -> Result<Identity, Reject> {
+/// Everything that can vouch for a caller, as configured.
+#[derive(Debug, Clone, Copy)]
+pub struct Authenticators<'a> {
+    /// Keys declared in the configuration.
+    pub keys: &'a KeyIndex,
+    /// Keys managed at run time.
+    pub managed: Option<&'a ManagedKeys>,
+    /// JWT issuers.
+    pub jwt: Option<&'a jwt::JwtVerifier>,
+    /// Opaque-token introspection.
+    pub introspection: Option<&'a introspection::Introspector>,
+    /// AWS IAM through STS.
+    pub aws: Option<&'a aws::AwsVerifier>,
+}
+
+/// Authenticates a request. A signed AWS request (`x-warden-aws-iam`) goes
+/// to STS; a bearer credential shaped like a JWT goes to the JWT verifier;
+/// anything else is an API key, or, failing that, an opaque OAuth token for
+/// introspection. Two different credentials on one request are refused as
+/// ambiguous.
+pub async fn authenticate(headers: &HeaderMap, with: Authenticators<'_>) -> Result<Identity, Reject> {
+    if let Some(signed) = headers.get(aws::HEADER) {
+        if headers.contains_key(http::header::AUTHORIZATION) || headers.contains_key("x-api-key") {
+            return Err(Reject::ConflictingCredentials);
+        }
+        let verifier = with.aws.ok_or(Reject::InvalidCredential)?;
+        let signed = signed.to_str().map_err(|_| Reject::InvalidCredential)?;
+        return Ok(Identity {
+            method: AuthMethod::AwsIam,
+            key: Some(verifier.check(signed).await?),
+            client_cert: None,
+        });
+    }
     let presented = presented_key(headers)?;
-    if let Some(verifier) = jwt
+    if let Some(verifier) = with.jwt
         && jwt::looks_like_jwt(presented)
     {
         let subject = verifier.verify(presented).await.map_err(Reject::InvalidToken)?;
@@ -186,7 +212,7 @@ pub async fn authenticate(
             client_cert: None,
         });
     }
-    match (keys.authenticate(headers, managed), introspection) {
+    match (with.keys.authenticate(headers, with.managed), with.introspection) {
         // An opaque bearer token that is no key of ours: ask the authorization
         // server. Generated keys (`wdn_…`) never leave the gateway.
         (Err(Reject::InvalidCredential), Some(introspector))
@@ -209,7 +235,9 @@ pub fn presented_key_id(headers: &HeaderMap) -> Option<&str> {
 
 /// Whether the request carries any credential header at all.
 pub fn has_credential(headers: &HeaderMap) -> bool {
-    headers.contains_key(http::header::AUTHORIZATION) || headers.contains_key("x-api-key")
+    headers.contains_key(http::header::AUTHORIZATION)
+        || headers.contains_key("x-api-key")
+        || headers.contains_key(aws::HEADER)
 }
 
 fn prefix(digest: &[u8; 32]) -> [u8; 8] {

@@ -71,6 +71,19 @@ pub struct Config {
     pub mtls: Option<MtlsConfig>,
     /// Opaque-token introspection.
     pub introspection: Option<IntrospectionConfig>,
+    /// AWS IAM callers.
+    pub aws: Option<AwsConfig>,
+}
+
+/// AWS IAM authentication, checked.
+#[derive(Debug, Clone)]
+pub struct AwsConfig {
+    /// STS endpoint.
+    pub sts_endpoint: String,
+    /// This gateway's id.
+    pub server_id: String,
+    /// Known principals by ARN.
+    pub principals: HashMap<String, Arc<ApiKey>>,
 }
 
 /// RFC 7662 introspection settings, checked.
@@ -474,6 +487,7 @@ impl Config {
             .introspection
             .as_ref()
             .and_then(|i| check_introspection(i, base, &declared_models, &mut errs));
+        let aws = raw.aws.as_ref().map(|a| check_aws(a, &declared_models, &mut errs));
         if mtls.is_some() && !client_ca {
             errs.push(
                 "mtls",
@@ -501,6 +515,7 @@ impl Config {
                 jwt,
                 mtls,
                 introspection,
+                aws,
             }),
             _ => Err(ConfigErrors(errs.0)),
         }
@@ -1236,6 +1251,52 @@ fn preset(name: &str, azure_tenant: Option<&str>) -> Result<Preset, String> {
 /// Whether Warden may fetch keys from `url`: https, or http on loopback.
 fn fetchable(url: &str) -> bool {
     url.starts_with("https://") || url.starts_with("http://127.") || url.starts_with("http://localhost")
+}
+
+fn check_aws(raw: &raw::RawAws, models: &HashSet<&str>, errs: &mut Errors) -> AwsConfig {
+    let sts_endpoint = raw
+        .sts_endpoint
+        .clone()
+        .unwrap_or_else(|| "https://sts.amazonaws.com/".to_owned());
+    if !fetchable(&sts_endpoint) {
+        errs.push("aws.sts_endpoint", "must be https:// (plain http only on loopback)");
+    }
+    if raw.server_id.trim().is_empty() {
+        errs.push("aws.server_id", "must not be empty");
+    }
+    let mut principals = HashMap::new();
+    for (i, p) in raw.principals.iter().enumerate() {
+        let path = format!("aws.principals[{i}]");
+        if !p.arn.starts_with("arn:") || p.tenant.is_empty() {
+            errs.push(&path, "needs an `arn:` ARN and a tenant");
+        }
+        let grant = if p.models.iter().any(|m| m == "*") {
+            ModelGrant::All
+        } else {
+            for (j, m) in p.models.iter().enumerate() {
+                if !models.contains(m.as_str()) {
+                    errs.push(&format!("{path}.models[{j}]"), format!("no model named `{m}`"));
+                }
+            }
+            ModelGrant::Only(p.models.iter().cloned().collect())
+        };
+        let principal = ApiKey {
+            id: format!("aws:{}", p.arn),
+            digest: [0; 32],
+            principal: p.arn.clone(),
+            tenant: p.tenant.clone(),
+            tier: p.tier.clone(),
+            models: grant,
+        };
+        if principals.insert(p.arn.clone(), Arc::new(principal)).is_some() {
+            errs.push(&format!("{path}.arn"), format!("duplicate principal `{}`", p.arn));
+        }
+    }
+    AwsConfig {
+        sts_endpoint,
+        server_id: raw.server_id.clone(),
+        principals,
+    }
 }
 
 fn check_mtls(raw: &raw::RawMtls, models: &HashSet<&str>, errs: &mut Errors) -> MtlsConfig {

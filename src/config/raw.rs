@@ -33,6 +33,9 @@ pub struct RawConfig {
     /// Opaque OAuth 2.0 bearer tokens, checked by RFC 7662 introspection.
     #[serde(default)]
     pub introspection: Option<RawIntrospection>,
+    /// AWS IAM callers, by a signed `sts:GetCallerIdentity` request.
+    #[serde(default)]
+    pub aws: Option<RawAws>,
     /// Clients authenticated by their certificate (needs
     /// `listen.tls.client_ca_file`).
     #[serde(default)]
@@ -72,6 +75,37 @@ pub struct RawIntrospection {
     pub tier_claim: Option<String>,
     /// Models these callers may call; `"*"` for all.
     #[serde(default)]
+    pub models: Vec<String>,
+}
+
+/// AWS IAM authentication.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAws {
+    /// STS endpoint the signed requests are for and forwarded to. Default
+    /// `https://sts.amazonaws.com/`.
+    #[serde(default)]
+    pub sts_endpoint: Option<String>,
+    /// This gateway's id: callers must sign it in `x-warden-server-id`, so a
+    /// signed request made for another service cannot be replayed here.
+    pub server_id: String,
+    /// Known AWS principals (role ARNs, or user ARNs).
+    pub principals: Vec<RawAwsPrincipal>,
+}
+
+/// One known AWS principal.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAwsPrincipal {
+    /// `arn:aws:iam::<account>:role/<name>` (an assumed role's sessions
+    /// count as the role) or `…:user/<name>`.
+    pub arn: String,
+    /// The tenant it acts for.
+    pub tenant: String,
+    /// Service tier.
+    #[serde(default)]
+    pub tier: Option<String>,
+    /// Models it may call; `"*"` for all.
     pub models: Vec<String>,
 }
 
