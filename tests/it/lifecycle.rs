@@ -643,3 +643,76 @@ async fn no_key_or_admin_token_reaches_a_log_line_or_the_audit_log() {
         assert!(!audit.contains(secret), "a secret is in the audit log");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_sharing_postgres_see_a_revocation_within_two_seconds() {
+    let Some(url) = fresh_postgres().await else { return };
+    let (chat, fraud) = demo_upstreams().await;
+    let secrets = tempfile::tempdir().unwrap();
+    std::fs::write(secrets.path().join("pg.url"), &url).unwrap();
+    let token = "admin-token-0123456789abcdef0123456789abcdef";
+    std::fs::write(secrets.path().join("admin.token"), token).unwrap();
+    let process = |listen: SocketAddr, admin: SocketAddr| {
+        binary_config(chat, fraud, listen, admin, "")
+            .replace(
+                "api_keys:",
+                &format!(
+                    "key_store:\n  postgres: {{ file: {} }}\n  refresh_interval: 500ms\napi_keys:",
+                    secrets.path().join("pg.url").display()
+                ),
+            )
+            .replacen(
+                &format!("address: {admin}"),
+                &format!(
+                    "address: {admin}\n  token: {{ file: {} }}",
+                    secrets.path().join("admin.token").display()
+                ),
+                1,
+            )
+    };
+    let (listen_a, admin_a, listen_b, admin_b) = (free_address(), free_address(), free_address(), free_address());
+    let first = Served::start(&process(listen_a, admin_a), listen_a, admin_a).await;
+    let second = Served::start(&process(listen_b, admin_b), listen_b, admin_b).await;
+
+    // Created through the first process's admin API...
+    let created: Value = fresh_client()
+        .post(format!("{}/admin/v1/keys", first.admin_url))
+        .bearer_auth(token)
+        .json(&serde_json::json!({"principal": "ivy@acme.example", "tenants": ["acme"], "models": ["*"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = created["key"].as_str().unwrap().to_owned();
+    let kid = created["record"]["kid"].as_str().unwrap().to_owned();
+    // ...accepted by both...
+    for served in [&first, &second] {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while served.chat_status(&key).await != StatusCode::OK {
+            assert!(
+                Instant::now() < deadline,
+                "a process did not accept the new key within 2 s"
+            );
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // ...revoked through the first, refused by the second within 2 s.
+    let revoked = fresh_client()
+        .post(format!("{}/admin/v1/keys/{kid}/revoke", first.admin_url))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), StatusCode::OK);
+    let started = Instant::now();
+    while second.chat_status(&key).await != StatusCode::UNAUTHORIZED {
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the other process still accepted a revoked key after 2 s"
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("revocation reached the other process after {:?}", started.elapsed());
+}
