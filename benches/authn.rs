@@ -64,6 +64,7 @@ fn main() {
             tenant: "t".into(),
             tier: None,
             models: ModelGrant::All,
+            ..ApiKey::default()
         })
         .collect();
     let index = KeyIndex::new(&keys);
@@ -113,6 +114,8 @@ fn main() {
                 static_keys: Vec::new(),
                 min_refresh_interval: std::time::Duration::from_secs(30),
                 principal_claim: None,
+                kind: warden::config::PrincipalKind::User,
+                groups_claim: "groups".into(),
                 tenant: None,
                 tenant_claim: "tenant".into(),
                 tier_claim: None,

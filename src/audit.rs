@@ -31,7 +31,10 @@ pub struct AuditRecord<'a> {
     pub request_id: &'a str,
     /// Authenticated principal, absent when authentication failed.
     pub principal: Option<&'a str>,
-    /// `api_key`, `anonymous`, or absent when authentication failed.
+    /// `user`, `service` or `key`.
+    pub principal_kind: Option<&'a str>,
+    /// How the caller authenticated (`api_key`, `jwt`, `oauth_introspection`,
+    /// `mtls`, `aws_iam`, `anonymous`), absent when authentication failed.
     pub auth_method: Option<&'a str>,
     /// Id of the credential used: never the credential itself.
     pub key_id: Option<&'a str>,

@@ -171,6 +171,7 @@ impl Finisher {
             time: ex.time,
             request_id: ex.request_id.to_str().unwrap_or("invalid"),
             principal: identity.map(Identity::principal),
+            principal_kind: identity.and_then(|i| i.key.as_deref()).map(|k| k.kind.as_str()),
             auth_method: identity.map(|i| i.method.as_str()),
             key_id: identity.and_then(Identity::credential_id),
             tenant: identity.and_then(Identity::tenant),

@@ -137,12 +137,8 @@ impl Introspector {
                 return None;
             }
         }
-        let scopes: Vec<&str> = answer
-            .get("scope")
-            .and_then(Value::as_str)
-            .map(|sc| sc.split(' ').collect())
-            .unwrap_or_default();
-        if !s.required_scopes.iter().all(|r| scopes.contains(&r.as_str())) {
+        let scopes = super::jwt::scopes(answer);
+        if !s.required_scopes.iter().all(|r| scopes.contains(r)) {
             return None;
         }
         let text = |name: &str| answer.get(name).and_then(Value::as_str).map(str::to_owned);
@@ -151,11 +147,21 @@ impl Introspector {
         Some((
             ApiKey {
                 id: format!("oauth-sha256:{}", hex::encode(&digest[..8])),
-                digest: [0; 32],
+                // A token with a subject acts for a user; one without, for
+                // the client it was issued to.
+                kind: if answer.get("sub").is_some() {
+                    crate::config::PrincipalKind::User
+                } else {
+                    crate::config::PrincipalKind::Service
+                },
                 principal: subject,
+                tenants: vec![tenant.clone()],
                 tenant,
                 tier: s.tier_claim.as_deref().and_then(text),
+                scopes,
                 models: s.models.clone(),
+                attributes: answer.as_object().cloned().unwrap_or_default(),
+                ..ApiKey::default()
             },
             exp,
         ))

@@ -429,12 +429,36 @@ fn identity(issuer: &IssuerConfig, claims: &Value, token: &str) -> Result<ApiKey
     );
     Ok(ApiKey {
         id,
-        digest: [0; 32],
         principal,
+        kind: issuer.kind,
+        tenants: vec![tenant.clone()],
         tenant,
         tier: issuer.tier_claim.as_deref().and_then(text),
+        scopes: scopes(claims),
+        groups: string_list(claim(claims, &issuer.groups_claim)),
         models: issuer.models.clone(),
+        // Every claim is a policy attribute; none is secret (the signature is
+        // not a claim).
+        attributes: claims.as_object().cloned().unwrap_or_default(),
+        ..ApiKey::default()
     })
+}
+
+/// Scopes from `scope` (space-separated, RFC 8693/9068) or `scp` (a list or
+/// a string, as Entra ID and Okta send it).
+pub fn scopes(claims: &Value) -> Vec<String> {
+    match claims.get("scope").or_else(|| claims.get("scp")) {
+        Some(Value::String(s)) => s.split(' ').filter(|s| !s.is_empty()).map(str::to_owned).collect(),
+        other => string_list(other),
+    }
+}
+
+fn string_list(value: Option<&Value>) -> Vec<String> {
+    match value {
+        Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).map(str::to_owned).collect(),
+        Some(Value::String(s)) => vec![s.clone()],
+        _ => Vec::new(),
+    }
 }
 
 /// A claim by name, or by JSON pointer when the name starts with `/`
@@ -490,4 +514,61 @@ pub fn alg_label(alg: Algorithm) -> Option<&'static str> {
 /// meant as a JWT but malformed is refused as a token, not tried as a key.
 pub fn looks_like_jwt(credential: &str) -> bool {
     credential.starts_with("eyJ") && credential.contains('.')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ModelGrant, PrincipalKind};
+
+    fn issuer() -> IssuerConfig {
+        IssuerConfig {
+            issuer: "https://issuer.test".into(),
+            audiences: vec!["warden".into()],
+            algorithms: vec![],
+            typ: None,
+            leeway: 30,
+            jwks_url: None,
+            discovery_url: None,
+            static_keys: vec![],
+            min_refresh_interval: std::time::Duration::from_secs(30),
+            principal_claim: None,
+            kind: PrincipalKind::User,
+            groups_claim: "groups".into(),
+            tenant: None,
+            tenant_claim: "tenant".into(),
+            tier_claim: Some("tier".into()),
+            models: ModelGrant::All,
+        }
+    }
+
+    #[test]
+    fn claims_become_a_rich_identity() {
+        let claims = serde_json::json!({
+            "iss": "https://issuer.test", "sub": "u1", "tenant": "acme", "tier": "pro",
+            "scope": "chat  embed", "groups": ["ml-eng", "oncall"], "jti": "t-1", "dept": "risk",
+        });
+        let id = identity(&issuer(), &claims, "token").unwrap();
+        assert_eq!(id.principal, "https://issuer.test#u1");
+        assert_eq!(id.id, "jwt:t-1");
+        assert_eq!(
+            (id.tenant.as_str(), id.tenants.as_slice()),
+            ("acme", &["acme".to_owned()][..])
+        );
+        assert_eq!(id.tier.as_deref(), Some("pro"));
+        assert_eq!(id.scopes, ["chat", "embed"]);
+        assert_eq!(id.groups, ["ml-eng", "oncall"]);
+        assert_eq!(id.attributes["dept"], "risk");
+        assert_eq!(id.kind, PrincipalKind::User);
+        // `scp` as a list (Entra ID), and a static tenant when the token has none.
+        let claims = serde_json::json!({"iss": "https://issuer.test", "sub": "u2", "scp": ["a", "b"]});
+        let fixed = IssuerConfig {
+            tenant: Some("fixed".into()),
+            ..issuer()
+        };
+        let id = identity(&fixed, &claims, "token").unwrap();
+        assert_eq!(id.scopes, ["a", "b"]);
+        assert_eq!(id.tenant, "fixed");
+        assert!(identity(&issuer(), &claims, "token").is_err(), "no tenant anywhere");
+    }
 }

@@ -152,8 +152,12 @@ fn api_key(record: &KeyRecord) -> Option<ApiKey> {
         id: record.kid.clone(),
         digest,
         principal: record.principal.clone(),
+        kind: crate::config::PrincipalKind::Key,
         tenant: record.tenants.first()?.clone(),
+        tenants: record.tenants.clone(),
         tier: record.tier.clone(),
+        scopes: record.scopes.clone(),
         models,
+        ..ApiKey::default()
     })
 }

@@ -289,6 +289,7 @@ mod tests {
             tenant: "t".into(),
             tier: None,
             models: ModelGrant::Only(HashSet::from(["m".to_owned()])),
+            ..ApiKey::default()
         }
     }
 

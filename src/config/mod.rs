@@ -160,6 +160,10 @@ pub struct IssuerConfig {
     pub discovery_url: Option<String>,
     /// Claim naming the principal; `None` means `<iss>#<sub>`.
     pub principal_claim: Option<String>,
+    /// What kind of principal its tokens stand for.
+    pub kind: PrincipalKind,
+    /// Claim (or JSON pointer) listing the caller's groups.
+    pub groups_claim: String,
     /// Tenant for callers whose token names none.
     pub tenant: Option<String>,
     /// Keys given in the configuration (JWKS file, HMAC secret).
@@ -327,21 +331,58 @@ impl fmt::Debug for UpstreamCredential {
     }
 }
 
-/// An API key, known only by its SHA-256.
-#[derive(Clone)]
+/// Who a credential stands for: the same shape whatever proved it (an API
+/// key, a token, a certificate, an AWS signature), so that policies and
+/// limits read one thing. For API keys it also holds the key's SHA-256.
+#[derive(Clone, Default)]
 pub struct ApiKey {
-    /// Key id, safe to log.
+    /// Credential id, safe to log (key id, token fingerprint, ARN, …).
     pub id: String,
-    /// SHA-256 of the key.
+    /// SHA-256 of the key (API keys only).
     pub digest: [u8; 32],
-    /// Who the key belongs to.
+    /// Who it is.
     pub principal: String,
-    /// Tenant it acts for.
+    /// What kind of principal.
+    pub kind: PrincipalKind,
+    /// The tenant it acts for by default.
     pub tenant: String,
+    /// Every tenant it may act for (the default first).
+    pub tenants: Vec<String>,
     /// Service tier.
     pub tier: Option<String>,
+    /// Scopes granted.
+    pub scopes: Vec<String>,
+    /// Groups it belongs to.
+    pub groups: Vec<String>,
     /// Models it may call.
     pub models: ModelGrant,
+    /// Further attributes for policies: token claims, certificate fields,
+    /// the AWS account.
+    pub attributes: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The kind of a principal.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrincipalKind {
+    /// A person.
+    User,
+    /// A workload.
+    Service,
+    /// An API key (whoever holds it).
+    #[default]
+    Key,
+}
+
+impl PrincipalKind {
+    /// The name in audit records and policies.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PrincipalKind::User => "user",
+            PrincipalKind::Service => "service",
+            PrincipalKind::Key => "key",
+        }
+    }
 }
 
 impl fmt::Debug for ApiKey {
@@ -361,6 +402,13 @@ pub enum ModelGrant {
     All,
     /// Only these.
     Only(HashSet<String>),
+}
+
+impl Default for ModelGrant {
+    /// Default deny: no model.
+    fn default() -> Self {
+        ModelGrant::Only(HashSet::new())
+    }
 }
 
 impl ModelGrant {
@@ -1006,9 +1054,12 @@ fn check_api_key(
         id: raw.id.clone(),
         digest,
         principal: raw.principal.clone(),
+        kind: PrincipalKind::Key,
         tenant: raw.tenant.clone(),
+        tenants: vec![raw.tenant.clone()],
         tier: raw.tier.clone(),
         models: grant,
+        ..ApiKey::default()
     })
 }
 
@@ -1127,6 +1178,19 @@ fn check_jwt(raw: &raw::RawJwt, base: &Path, models: &HashSet<&str>, errs: &mut 
             issuer,
             discovery_url,
             principal_claim: r.principal_claim.clone().or(preset.principal_claim),
+            kind: match r.principal_kind.as_deref() {
+                None => preset.kind,
+                Some("user") => PrincipalKind::User,
+                Some("service") => PrincipalKind::Service,
+                Some(other) => {
+                    errs.push(
+                        &format!("{path}.principal_kind"),
+                        format!("`{other}` is not `user` or `service`"),
+                    );
+                    PrincipalKind::User
+                }
+            },
+            groups_claim: r.groups_claim.clone().unwrap_or_else(|| "groups".to_owned()),
             tenant: r.tenant.clone(),
             audiences: r.audiences.clone(),
             algorithms,
@@ -1201,12 +1265,24 @@ fn check_introspection(
 }
 
 /// What a known identity provider's preset fills in.
-#[derive(Default)]
 struct Preset {
+    kind: PrincipalKind,
     issuer: Option<String>,
     discovery_url: Option<String>,
     principal_claim: Option<String>,
     tenant_claim: Option<String>,
+}
+
+impl Default for Preset {
+    fn default() -> Self {
+        Preset {
+            kind: PrincipalKind::User,
+            issuer: None,
+            discovery_url: None,
+            principal_claim: None,
+            tenant_claim: None,
+        }
+    }
 }
 
 /// Known identity providers. Their tokens are OIDC JWTs: the preset names
@@ -1215,6 +1291,7 @@ fn preset(name: &str, azure_tenant: Option<&str>) -> Result<Preset, String> {
     match name {
         // GCP service accounts (and Google users): `email` names the caller.
         "google" => Ok(Preset {
+            kind: PrincipalKind::Service,
             issuer: Some("https://accounts.google.com".into()),
             discovery_url: Some("https://accounts.google.com/.well-known/openid-configuration".into()),
             principal_claim: Some("email".into()),
@@ -1227,6 +1304,7 @@ fn preset(name: &str, azure_tenant: Option<&str>) -> Result<Preset, String> {
                 .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
                 .ok_or("`azure` needs `azure_tenant_id` (the directory id)")?;
             Ok(Preset {
+                kind: PrincipalKind::Service,
                 issuer: Some(format!("https://login.microsoftonline.com/{tenant}/v2.0")),
                 discovery_url: Some(format!(
                     "https://login.microsoftonline.com/{tenant}/v2.0/.well-known/openid-configuration"
@@ -1238,6 +1316,7 @@ fn preset(name: &str, azure_tenant: Option<&str>) -> Result<Preset, String> {
         // Projected service-account tokens: the cluster's issuer and JWKS
         // are configured; `sub` is `system:serviceaccount:<ns>:<name>`.
         "kubernetes" => Ok(Preset {
+            kind: PrincipalKind::Service,
             principal_claim: Some("sub".into()),
             tenant_claim: Some("/kubernetes.io/namespace".into()),
             ..Preset::default()
@@ -1280,13 +1359,22 @@ fn check_aws(raw: &raw::RawAws, models: &HashSet<&str>, errs: &mut Errors) -> Aw
             }
             ModelGrant::Only(p.models.iter().cloned().collect())
         };
+        let account = p.arn.split(':').nth(4).unwrap_or_default();
         let principal = ApiKey {
             id: format!("aws:{}", p.arn),
-            digest: [0; 32],
             principal: p.arn.clone(),
+            kind: PrincipalKind::Service,
             tenant: p.tenant.clone(),
+            tenants: vec![p.tenant.clone()],
             tier: p.tier.clone(),
             models: grant,
+            attributes: [
+                ("arn".to_owned(), serde_json::Value::from(p.arn.clone())),
+                ("aws_account".to_owned(), serde_json::Value::from(account)),
+            ]
+            .into_iter()
+            .collect(),
+            ..ApiKey::default()
         };
         if principals.insert(p.arn.clone(), Arc::new(principal)).is_some() {
             errs.push(&format!("{path}.arn"), format!("duplicate principal `{}`", p.arn));
@@ -1331,11 +1419,19 @@ fn check_mtls(raw: &raw::RawMtls, models: &HashSet<&str>, errs: &mut Errors) -> 
         };
         let client = ApiKey {
             id: format!("mtls:{}", c.identity),
-            digest: [0; 32],
             principal: c.identity.clone(),
+            kind: PrincipalKind::Service,
             tenant: c.tenant.clone(),
+            tenants: vec![c.tenant.clone()],
             tier: c.tier.clone(),
             models: grant,
+            attributes: [(
+                "certificate_identity".to_owned(),
+                serde_json::Value::from(c.identity.clone()),
+            )]
+            .into_iter()
+            .collect(),
+            ..ApiKey::default()
         };
         if clients.insert(c.identity.clone(), Arc::new(client)).is_some() {
             errs.push(

@@ -174,6 +174,13 @@ pub struct RawIssuer {
     /// Tenant for every caller of this issuer, when tokens carry none.
     #[serde(default)]
     pub tenant: Option<String>,
+    /// `user` or `service`: what its tokens stand for. Default `user`
+    /// (`service` for the `kubernetes` preset).
+    #[serde(default)]
+    pub principal_kind: Option<String>,
+    /// Claim (or JSON pointer) listing the caller's groups. Default `groups`.
+    #[serde(default)]
+    pub groups_claim: Option<String>,
     /// Accepted `aud` values; a token must name one.
     pub audiences: Vec<String>,
     /// Accepted algorithms. Default: RS256, PS256, ES256, EdDSA. HMAC

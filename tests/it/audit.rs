@@ -73,6 +73,7 @@ async fn one_record_per_request_with_matching_hashes() {
     let allowed = &records[0];
     assert_eq!(allowed["principal"], "alice@acme.example");
     assert_eq!(allowed["auth_method"], "api_key");
+    assert_eq!(allowed["principal_kind"], "key");
     assert_eq!(allowed["key_id"], "demo-acme");
     assert_eq!(allowed["tenant"], "acme");
     assert_eq!(allowed["model"], "demo-chat");

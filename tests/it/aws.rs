@@ -212,6 +212,7 @@ async fn aws_callers_are_proven_by_sts() {
 
     let records = gw.audit(8).await;
     assert_eq!(records[0]["auth_method"], "aws_iam");
+    assert_eq!(records[0]["principal_kind"], "service");
     assert_eq!(records[0]["principal"], "arn:aws:iam::123456789012:role/batch-scorer");
     assert_eq!(records[0]["tenant"], "acme");
 }

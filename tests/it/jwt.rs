@@ -349,6 +349,7 @@ async fn jwt_attacks_are_refused_and_valid_tokens_accepted() {
     }
     let accepted = &records[attacks.len()];
     assert_eq!(accepted["auth_method"], "jwt");
+    assert_eq!(accepted["principal_kind"], "user");
     assert_eq!(accepted["principal"], "https://issuer.test#svc-batch");
     assert_eq!(accepted["tenant"], "acme");
     assert!(accepted["key_id"].as_str().unwrap().starts_with("jwt-sha256:"));
@@ -448,6 +449,7 @@ async fn keys_found_by_oidc_discovery_and_nested_claims_mapped() {
     assert_eq!(status_of(&gw, &token).await, StatusCode::OK);
     let records = gw.audit(1).await;
     assert_eq!(records[0]["principal"], "system:serviceaccount:prod:batch");
+    assert_eq!(records[0]["principal_kind"], "service");
     assert_eq!(records[0]["tenant"], "prod");
 }
 
