@@ -172,3 +172,30 @@ fn identity_provider_presets() {
         ["jwt.issuers[0].jwks_url"]
     );
 }
+
+#[test]
+fn hmac_needs_a_256_bit_secret_and_asymmetric_is_the_default() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("short"), "too-short-secret").unwrap();
+    std::fs::write(dir.path().join("long"), "a-secret-of-at-least-thirty-two-bytes!!").unwrap();
+    let jwt = |extra: &str| {
+        MINIMAL.replace(
+            "api_keys:",
+            &format!("jwt:\n  issuers:\n    - issuer: https://i\n      audiences: [w]\n{extra}\napi_keys:"),
+        )
+    };
+    let parse = |text: String| Config::parse(&text, dir.path());
+    let short = parse(jwt("      algorithms: [HS256]\n      hmac_secret: { file: short }")).unwrap_err();
+    assert_eq!(short.0[0].path, "jwt.issuers[0].hmac_secret");
+    let long = parse(jwt("      algorithms: [HS256]\n      hmac_secret: { file: long }")).unwrap();
+    assert_eq!(long.jwt.unwrap().issuers[0].static_keys.len(), 1);
+    // HS256 is never allowed by default, and a secret without it is an error.
+    let default = parse(jwt("      jwks_url: https://i/jwks")).unwrap();
+    let algs = &default.jwt.unwrap().issuers[0].algorithms;
+    assert!(
+        algs.iter().all(|a| a.family() != jsonwebtoken::AlgorithmFamily::Hmac),
+        "{algs:?}"
+    );
+    assert!(parse(jwt("      hmac_secret: { file: long }")).is_err());
+    assert!(parse(jwt("      algorithms: [none]\n      jwks_url: https://i/jwks")).is_err());
+}

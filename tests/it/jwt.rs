@@ -461,3 +461,41 @@ async fn a_discovery_document_for_another_issuer_is_not_trusted() {
     assert_eq!(status_of(&gw, &token).await, StatusCode::UNAUTHORIZED);
     assert_eq!(gw.audit(1).await[0]["reject_detail"], "unknown_kid");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_typ_is_required() {
+    let (chat, fraud) = demo_upstreams().await;
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, fixture("jwks.json")).unwrap();
+    let yaml = config(chat, fraud, "").replace(
+        "api_keys:",
+        &format!(
+            "jwt:\n  issuers:\n    - issuer: {ISSUER}\n      audiences: [warden]\n      jwks_file: {}\n      typ: at+jwt\n      models: [demo-chat]\napi_keys:",
+            jwks.display()
+        ),
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let body = claims().to_string();
+    let with_typ = |typ: &str| {
+        token(
+            &format!(r#"{{"alg":"RS256","kid":"rsa-1","typ":"{typ}"}}"#),
+            &body,
+            Some((Algorithm::RS256, &rsa())),
+        )
+    };
+    assert_eq!(status_of(&gw, &with_typ("at+jwt")).await, StatusCode::OK);
+    assert_eq!(
+        status_of(&gw, &with_typ("AT+JWT")).await,
+        StatusCode::OK,
+        "typ compares case-insensitively"
+    );
+    assert_eq!(status_of(&gw, &with_typ("JWT")).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        status_of(&gw, &rs256(&claims())).await,
+        StatusCode::UNAUTHORIZED,
+        "typ JWT is not at+jwt"
+    );
+    let records = gw.audit(4).await;
+    assert_eq!(records[2]["reject_detail"], "wrong_typ");
+}

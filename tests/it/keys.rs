@@ -130,6 +130,13 @@ async fn a_created_key_works_and_a_revoked_one_stops_within_two_seconds() {
     assert_eq!(warden::authn::key_format::kid_of(&forged), Some(record.kid.as_str()));
     assert_eq!(status_with(&gw, &forged).await, StatusCode::UNAUTHORIZED);
 
+    // Last use reaches the store (written back every ten refreshes, 2 s here).
+    eventually(Duration::from_secs(4), || async {
+        store.show(&record.kid).await.unwrap().last_used_at.is_some()
+    })
+    .await
+    .expect("last use was never recorded in the store");
+
     store.revoke(&record.kid).await.unwrap();
     let took = eventually(Duration::from_secs(2), || async {
         status_with(&gw, &new.key).await == StatusCode::UNAUTHORIZED
