@@ -1008,6 +1008,22 @@ fn check_model(
     })
 }
 
+/// The models a credential may call: `["*"]` for all, or configured names.
+fn model_grant(names: &[String], declared: &HashSet<&str>, path: &str, errs: &mut Errors) -> ModelGrant {
+    if names.iter().any(|m| m == "*") {
+        if names.len() > 1 {
+            errs.push(path, "`*` must stand alone");
+        }
+        return ModelGrant::All;
+    }
+    for (j, m) in names.iter().enumerate() {
+        if !declared.contains(m.as_str()) {
+            errs.push(&format!("{path}[{j}]"), format!("no model named `{m}`"));
+        }
+    }
+    ModelGrant::Only(names.iter().cloned().collect())
+}
+
 fn check_api_key(
     raw: &raw::RawApiKey,
     path: &str,
@@ -1037,19 +1053,7 @@ fn check_api_key(
             "must be 64 lowercase hex digits (the SHA-256 of the key, not the key)",
         );
     }
-    let grant = if raw.models.iter().any(|m| m == "*") {
-        if raw.models.len() > 1 {
-            errs.push(&format!("{path}.models"), "`*` must stand alone");
-        }
-        ModelGrant::All
-    } else {
-        for (j, m) in raw.models.iter().enumerate() {
-            if !declared_models.contains(m.as_str()) {
-                errs.push(&format!("{path}.models[{j}]"), format!("no model named `{m}`"));
-            }
-        }
-        ModelGrant::Only(raw.models.iter().cloned().collect())
-    };
+    let grant = model_grant(&raw.models, declared_models, &format!("{path}.models"), errs);
     (errs.0.len() == before).then(|| ApiKey {
         id: raw.id.clone(),
         digest,
@@ -1164,16 +1168,7 @@ fn check_jwt(raw: &raw::RawJwt, base: &Path, models: &HashSet<&str>, errs: &mut 
             r.min_refresh_interval.as_deref(),
             Duration::from_secs(30),
         );
-        let grant = if r.models.iter().any(|m| m == "*") {
-            ModelGrant::All
-        } else {
-            for (j, m) in r.models.iter().enumerate() {
-                if !models.contains(m.as_str()) {
-                    errs.push(&format!("{path}.models[{j}]"), format!("no model named `{m}`"));
-                }
-            }
-            ModelGrant::Only(r.models.iter().cloned().collect())
-        };
+        let grant = model_grant(&r.models, models, &format!("{path}.models"), errs);
         issuers.push(IssuerConfig {
             issuer,
             discovery_url,
@@ -1239,16 +1234,7 @@ fn check_introspection(
         Duration::from_secs(5),
     );
     let timeout = errs.duration("introspection.timeout", raw.timeout.as_deref(), Duration::from_secs(2));
-    let grant = if raw.models.iter().any(|m| m == "*") {
-        ModelGrant::All
-    } else {
-        for (j, m) in raw.models.iter().enumerate() {
-            if !models.contains(m.as_str()) {
-                errs.push(&format!("introspection.models[{j}]"), format!("no model named `{m}`"));
-            }
-        }
-        ModelGrant::Only(raw.models.iter().cloned().collect())
-    };
+    let grant = model_grant(&raw.models, models, "introspection.models", errs);
     Some(IntrospectionConfig {
         endpoint: raw.endpoint.clone(),
         client_id: raw.client_id.clone(),
@@ -1349,16 +1335,7 @@ fn check_aws(raw: &raw::RawAws, models: &HashSet<&str>, errs: &mut Errors) -> Aw
         if !p.arn.starts_with("arn:") || p.tenant.is_empty() {
             errs.push(&path, "needs an `arn:` ARN and a tenant");
         }
-        let grant = if p.models.iter().any(|m| m == "*") {
-            ModelGrant::All
-        } else {
-            for (j, m) in p.models.iter().enumerate() {
-                if !models.contains(m.as_str()) {
-                    errs.push(&format!("{path}.models[{j}]"), format!("no model named `{m}`"));
-                }
-            }
-            ModelGrant::Only(p.models.iter().cloned().collect())
-        };
+        let grant = model_grant(&p.models, models, &format!("{path}.models"), errs);
         let account = p.arn.split(':').nth(4).unwrap_or_default();
         let principal = ApiKey {
             id: format!("aws:{}", p.arn),
@@ -1407,16 +1384,7 @@ fn check_mtls(raw: &raw::RawMtls, models: &HashSet<&str>, errs: &mut Errors) -> 
         if c.identity.is_empty() || c.tenant.is_empty() {
             errs.push(&path, "needs a non-empty `identity` and `tenant`");
         }
-        let grant = if c.models.iter().any(|m| m == "*") {
-            ModelGrant::All
-        } else {
-            for (j, m) in c.models.iter().enumerate() {
-                if !models.contains(m.as_str()) {
-                    errs.push(&format!("{path}.models[{j}]"), format!("no model named `{m}`"));
-                }
-            }
-            ModelGrant::Only(c.models.iter().cloned().collect())
-        };
+        let grant = model_grant(&c.models, models, &format!("{path}.models"), errs);
         let client = ApiKey {
             id: format!("mtls:{}", c.identity),
             principal: c.identity.clone(),
