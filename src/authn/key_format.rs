@@ -51,6 +51,11 @@ pub fn generate() -> NewKey {
 /// The key id of a well-formed generated key whose checksum matches, or
 /// `None` for anything else (which may still be a key declared in config).
 pub fn kid_of(key: &str) -> Option<&str> {
+    // Only ASCII can be a key, and it keeps the byte slicing below on
+    // character boundaries whatever the input.
+    if !key.is_ascii() {
+        return None;
+    }
     let rest = key.strip_prefix(PREFIX)?;
     if rest.len() != KID_LEN + 1 + SECRET_LEN + 1 + CHECK_LEN {
         return None;
@@ -102,5 +107,8 @@ mod tests {
         assert_eq!(kid_of(&k[..k.len() - 1]), None);
         assert_eq!(kid_of("wdn_demo_acme_7Hq2mX9vLk4pR8sT"), None);
         assert_eq!(kid_of(""), None);
+        // Multi-byte characters of the right total length neither match nor panic.
+        let wide = format!("wdn_{}", "é".repeat(31));
+        assert_eq!(kid_of(&wide), None);
     }
 }
