@@ -84,6 +84,9 @@ pub struct AuditRecord<'a> {
     pub response_sha256: Sha256Digest,
     /// Response body length sent.
     pub response_bytes: u64,
+    /// Every policy decision: level, result, engine, policy version and
+    /// the determining policies.
+    pub decisions: &'a [crate::authz::Decision],
     /// Token usage reported by the upstream, when present.
     pub usage: Option<Usage>,
 }

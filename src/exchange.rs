@@ -61,6 +61,8 @@ pub struct Exchange {
     pub upstream_latency: Option<Duration>,
     /// Why the request was refused or failed, if it was.
     pub reject: Option<Reject>,
+    /// Every policy decision taken.
+    pub decisions: Vec<crate::authz::Decision>,
 }
 
 /// Largest client-supplied `x-request-id` kept; longer ones are replaced.
@@ -100,6 +102,7 @@ impl Exchange {
             upstream_status: None,
             upstream_latency: None,
             reject: None,
+            decisions: Vec::new(),
         }
     }
 
@@ -198,6 +201,7 @@ impl Finisher {
             request_bytes: ex.request_bytes,
             response_sha256,
             response_bytes,
+            decisions: &ex.decisions,
             usage,
         });
         self.metrics.finish_request(

@@ -88,7 +88,7 @@ async fn life_of_request(
             let model = find_model(rt, name, route.protocol)?;
             note_model(ex, &model);
             // 3 authorize: endpoint (path-routed).
-            let permit = authz::authorize_endpoint(&identity, &model)?;
+            let permit = authz::authorize_endpoint(&identity, &model, rt.config.policy.as_deref(), &mut ex.decisions)?;
             Some((model, permit))
         }
         None => None,
@@ -110,7 +110,7 @@ async fn life_of_request(
             let model = find_model(rt, request::model_field(&json)?, route.protocol)?;
             note_model(ex, &model);
             // 3 authorize: endpoint (body-routed).
-            let permit = authz::authorize_endpoint(&identity, &model)?;
+            let permit = authz::authorize_endpoint(&identity, &model, rt.config.policy.as_deref(), &mut ex.decisions)?;
             endpoint = Some((model, permit));
         }
         body = Some((bytes, json));

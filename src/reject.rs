@@ -76,6 +76,9 @@ pub enum Reject {
     /// The caller may not call this model.
     #[error("you are not allowed to call the model `{0}`")]
     ModelNotAllowed(String),
+    /// The policy engine did not permit the call.
+    #[error("the policy does not allow you to call the model `{0}`")]
+    PolicyDenied(String),
     /// The upstream could not be reached.
     #[error("the model server could not be reached")]
     UpstreamUnreachable,
@@ -116,7 +119,7 @@ impl Reject {
             | Reject::ClientCertificateRequired(_)
             | Reject::AuthMethodNotAccepted(_)
             | Reject::ConflictingCredentials => StatusCode::UNAUTHORIZED,
-            Reject::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
+            Reject::ModelNotAllowed(_) | Reject::PolicyDenied(_) => StatusCode::FORBIDDEN,
             Reject::TooManyAuthFailures(_) => StatusCode::TOO_MANY_REQUESTS,
             Reject::UnknownRoute(_) | Reject::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Reject::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -154,6 +157,7 @@ impl Reject {
             Reject::InvalidField { .. } => "invalid_field",
             Reject::ModelNotFound(_) => "model_not_found",
             Reject::ModelNotAllowed(_) => "model_not_allowed",
+            Reject::PolicyDenied(_) => "policy_denied",
             Reject::UpstreamUnreachable => "upstream_unreachable",
             Reject::UpstreamTimeout => "upstream_timeout",
             Reject::UpstreamInvalid => "invalid_upstream_response",
@@ -179,7 +183,7 @@ impl Reject {
     fn param(&self) -> Option<&'static str> {
         match self {
             Reject::InvalidField { param, .. } => Some(param),
-            Reject::ModelNotFound(_) | Reject::ModelNotAllowed(_) => Some("model"),
+            Reject::ModelNotFound(_) | Reject::ModelNotAllowed(_) | Reject::PolicyDenied(_) => Some("model"),
             _ => None,
         }
     }

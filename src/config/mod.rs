@@ -73,6 +73,8 @@ pub struct Config {
     pub introspection: Option<IntrospectionConfig>,
     /// AWS IAM callers.
     pub aws: Option<AwsConfig>,
+    /// The embedded policy engine, validated.
+    pub policy: Option<Arc<crate::authz::cedar::CedarPdp>>,
 }
 
 /// AWS IAM authentication, checked.
@@ -536,6 +538,30 @@ impl Config {
             .as_ref()
             .and_then(|i| check_introspection(i, base, &declared_models, &mut errs));
         let aws = raw.aws.as_ref().map(|a| check_aws(a, &declared_models, &mut errs));
+        let policy = raw.policy.as_ref().and_then(|p| {
+            let read = |field: &str, file: &str, errs: &mut Errors| {
+                let file = resolve(base, file);
+                std::fs::read_to_string(&file)
+                    .map_err(|e| {
+                        errs.push(
+                            &format!("policy.cedar.{field}"),
+                            format!("cannot read `{}`: {e}", file.display()),
+                        )
+                    })
+                    .ok()
+            };
+            let policies = read("policies", &p.cedar.policies, &mut errs);
+            let schema = read("schema", &p.cedar.schema, &mut errs);
+            match crate::authz::cedar::CedarPdp::new(&policies?, &schema?) {
+                Ok(pdp) => Some(Arc::new(pdp)),
+                Err(problems) => {
+                    for problem in problems {
+                        errs.push("policy.cedar", problem);
+                    }
+                    None
+                }
+            }
+        });
         if mtls.is_some() && !client_ca {
             errs.push(
                 "mtls",
@@ -564,6 +590,7 @@ impl Config {
                 mtls,
                 introspection,
                 aws,
+                policy,
             }),
             _ => Err(ConfigErrors(errs.0)),
         }

@@ -33,6 +33,9 @@ pub struct RawConfig {
     /// Opaque OAuth 2.0 bearer tokens, checked by RFC 7662 introspection.
     #[serde(default)]
     pub introspection: Option<RawIntrospection>,
+    /// The policy engine that decides what callers may do.
+    #[serde(default)]
+    pub policy: Option<RawPolicy>,
     /// AWS IAM callers, by a signed `sts:GetCallerIdentity` request.
     #[serde(default)]
     pub aws: Option<RawAws>,
@@ -76,6 +79,24 @@ pub struct RawIntrospection {
     /// Models these callers may call; `"*"` for all.
     #[serde(default)]
     pub models: Vec<String>,
+}
+
+/// The policy engine.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    /// Embedded Cedar: policy and schema files.
+    pub cedar: RawCedar,
+}
+
+/// Cedar policy files.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCedar {
+    /// The policies (`.cedar`).
+    pub policies: String,
+    /// The schema they are validated against (`.cedarschema`).
+    pub schema: String,
 }
 
 /// AWS IAM authentication.

@@ -27,7 +27,7 @@ async fn rejections_have_exact_status_and_body() {
             content_type: "application/json",
             body: chat.clone(),
             status: StatusCode::UNAUTHORIZED,
-            expected: r#"{"error":{"code":"missing_api_key","message":"missing API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`","param":null,"type":"authentication_error"}}"#,
+            expected: r#"{"error":{"message":"missing API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`","type":"authentication_error","param":null,"code":"missing_api_key"}}"#,
         },
         Case {
             name: "wrong key",
@@ -36,7 +36,7 @@ async fn rejections_have_exact_status_and_body() {
             content_type: "application/json",
             body: chat.clone(),
             status: StatusCode::UNAUTHORIZED,
-            expected: r#"{"error":{"code":"invalid_api_key","message":"invalid API key","param":null,"type":"authentication_error"}}"#,
+            expected: r#"{"error":{"message":"invalid API key","type":"authentication_error","param":null,"code":"invalid_api_key"}}"#,
         },
         Case {
             name: "wrong key, OIP",
@@ -54,7 +54,7 @@ async fn rejections_have_exact_status_and_body() {
             content_type: "application/json",
             body: chat_body("other-chat", false).to_string(),
             status: StatusCode::FORBIDDEN,
-            expected: r#"{"error":{"code":"model_not_allowed","message":"you are not allowed to call the model `other-chat`","param":"model","type":"permission_error"}}"#,
+            expected: r#"{"error":{"message":"you are not allowed to call the model `other-chat`","type":"permission_error","param":"model","code":"model_not_allowed"}}"#,
         },
         Case {
             name: "model not allowed, OIP",
@@ -72,7 +72,7 @@ async fn rejections_have_exact_status_and_body() {
             content_type: "application/json",
             body: chat_body("gpt-9", false).to_string(),
             status: StatusCode::NOT_FOUND,
-            expected: r#"{"error":{"code":"model_not_found","message":"the model `gpt-9` does not exist","param":"model","type":"not_found_error"}}"#,
+            expected: r#"{"error":{"message":"the model `gpt-9` does not exist","type":"not_found_error","param":"model","code":"model_not_found"}}"#,
         },
         Case {
             name: "unknown model, OIP",
@@ -90,7 +90,7 @@ async fn rejections_have_exact_status_and_body() {
             content_type: "application/json",
             body: chat_body("fraud-scorer", false).to_string(),
             status: StatusCode::NOT_FOUND,
-            expected: r#"{"error":{"code":"model_not_found","message":"the model `fraud-scorer` does not exist","param":"model","type":"not_found_error"}}"#,
+            expected: r#"{"error":{"message":"the model `fraud-scorer` does not exist","type":"not_found_error","param":"model","code":"model_not_found"}}"#,
         },
         Case {
             name: "unknown route",
@@ -99,7 +99,7 @@ async fn rejections_have_exact_status_and_body() {
             content_type: "application/json",
             body: chat.clone(),
             status: StatusCode::NOT_FOUND,
-            expected: r#"{"error":{"code":"unknown_route","message":"unknown route `/v1/engines`","param":null,"type":"not_found_error"}}"#,
+            expected: r#"{"error":{"message":"unknown route `/v1/engines`","type":"not_found_error","param":null,"code":"unknown_route"}}"#,
         },
         Case {
             name: "not JSON",
@@ -108,7 +108,7 @@ async fn rejections_have_exact_status_and_body() {
             content_type: "text/plain",
             body: chat.clone(),
             status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            expected: r#"{"error":{"code":"unsupported_media_type","message":"unsupported content type: send `Content-Type: application/json`","param":null,"type":"invalid_request_error"}}"#,
+            expected: r#"{"error":{"message":"unsupported content type: send `Content-Type: application/json`","type":"invalid_request_error","param":null,"code":"unsupported_media_type"}}"#,
         },
         Case {
             name: "broken JSON",
@@ -117,7 +117,7 @@ async fn rejections_have_exact_status_and_body() {
             content_type: "application/json",
             body: r#"{"model": "demo-chat", "messages": [}"#.to_owned(),
             status: StatusCode::BAD_REQUEST,
-            expected: r#"{"error":{"code":"invalid_json","message":"invalid JSON body: expected value at line 1 column 37","param":null,"type":"invalid_request_error"}}"#,
+            expected: r#"{"error":{"message":"invalid JSON body: expected value at line 1 column 37","type":"invalid_request_error","param":null,"code":"invalid_json"}}"#,
         },
         Case {
             name: "too deep",
@@ -126,7 +126,7 @@ async fn rejections_have_exact_status_and_body() {
             content_type: "application/json",
             body: format!(r#"{{"model":"demo-chat","x":{}{}}}"#, "[".repeat(40), "]".repeat(40)),
             status: StatusCode::BAD_REQUEST,
-            expected: r#"{"error":{"code":"json_too_deep","message":"JSON nesting exceeds the limit of 32 levels","param":null,"type":"invalid_request_error"}}"#,
+            expected: r#"{"error":{"message":"JSON nesting exceeds the limit of 32 levels","type":"invalid_request_error","param":null,"code":"json_too_deep"}}"#,
         },
         Case {
             name: "no model",
@@ -135,7 +135,7 @@ async fn rejections_have_exact_status_and_body() {
             content_type: "application/json",
             body: r#"{"messages":[]}"#.to_owned(),
             status: StatusCode::BAD_REQUEST,
-            expected: r#"{"error":{"code":"invalid_field","message":"you must provide a model parameter","param":"model","type":"invalid_request_error"}}"#,
+            expected: r#"{"error":{"message":"you must provide a model parameter","type":"invalid_request_error","param":"model","code":"invalid_field"}}"#,
         },
         Case {
             name: "too large for the listener",
@@ -144,7 +144,7 @@ async fn rejections_have_exact_status_and_body() {
             content_type: "application/json",
             body: format!(r#"{{"model":"demo-chat","pad":"{}"}}"#, "x".repeat(70 * 1024)),
             status: StatusCode::PAYLOAD_TOO_LARGE,
-            expected: r#"{"error":{"code":"request_too_large","message":"request body exceeds 65536 bytes","param":null,"type":"request_too_large"}}"#,
+            expected: r#"{"error":{"message":"request body exceeds 65536 bytes","type":"request_too_large","param":null,"code":"request_too_large"}}"#,
         },
         Case {
             name: "too large for the model",

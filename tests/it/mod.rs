@@ -11,6 +11,7 @@ mod lifecycle;
 mod listener;
 mod mtls;
 mod openai_client;
+mod policy;
 mod routes;
 mod streaming;
 mod upstream_failures;

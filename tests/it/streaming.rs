@@ -92,7 +92,7 @@ async fn a_silent_upstream_is_cut_off_with_an_error_event() {
     let text = std::str::from_utf8(&body).unwrap();
     assert!(text.starts_with(FIRST), "{text}");
     assert!(
-        text.ends_with("data: {\"error\":{\"code\":\"upstream_timeout\",\"message\":\"the model server did not answer in time\",\"param\":null,\"type\":\"api_error\"}}\n\n"),
+        text.ends_with("data: {\"error\":{\"message\":\"the model server did not answer in time\",\"type\":\"api_error\",\"param\":null,\"code\":\"upstream_timeout\"}}\n\n"),
         "{text}"
     );
     let records = gw.audit(1).await;

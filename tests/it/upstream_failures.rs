@@ -16,7 +16,7 @@ async fn upstream_down_is_502() {
     assert_eq!(resp.headers()["x-should-retry"], "true");
     assert_eq!(
         resp.text().await.unwrap(),
-        r#"{"error":{"code":"upstream_unreachable","message":"the model server could not be reached","param":null,"type":"api_error"}}"#
+        r#"{"error":{"message":"the model server could not be reached","type":"api_error","param":null,"code":"upstream_unreachable"}}"#
     );
     let resp = post(&gw, "/v2/models/fraud-scorer/infer", Some(ACME), &fraud_body(1)).await;
     assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
@@ -44,7 +44,7 @@ async fn upstream_too_slow_is_504() {
     assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
     assert_eq!(
         resp.text().await.unwrap(),
-        r#"{"error":{"code":"upstream_timeout","message":"the model server did not answer in time","param":null,"type":"api_error"}}"#
+        r#"{"error":{"message":"the model server did not answer in time","type":"api_error","param":null,"code":"upstream_timeout"}}"#
     );
     let resp = post(&gw, "/v2/models/fraud-scorer/infer", Some(ACME), &fraud_body(1)).await;
     assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);

@@ -1,0 +1,157 @@
+//! Stage 3, authorize the endpoint: may this principal call this model at
+//! all. The checks, in order, each a deny when it fails:
+//! 1. the model accepts the way the caller authenticated (`auth: [...]`);
+//! 2. it has the caller's client certificate if it `require_mtls`;
+//! 3. the credential's own model grant names it (a key or token restricted
+//!    to some models stays restricted, whatever the policy says);
+//! 4. the policy engine, when one is configured, permits it ([`cedar`]).
+//!
+//! Requests to the policy engine have the AuthZEN shape (subject, action,
+//! resource); each decision is kept for the audit record. The [`Permit`]
+//! returned is the proof, required by the forwarding stage, that the checks
+//! ran.
+
+pub mod cedar;
+
+use serde::Serialize;
+
+use crate::authn::Identity;
+use crate::config::ModelEndpoint;
+use crate::reject::Reject;
+
+/// Proof that a caller may invoke a model endpoint. Only this module makes one.
+#[derive(Debug)]
+pub struct Permit {
+    _private: (),
+}
+
+/// An authorization request, in the AuthZEN shape.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuthzRequest {
+    /// Who asks.
+    pub subject: Subject,
+    /// What they ask to do.
+    pub action: Action,
+    /// To what.
+    pub resource: Resource,
+}
+
+/// The subject of a request and the properties policies may use.
+#[derive(Debug, Clone, Serialize)]
+pub struct Subject {
+    /// Principal id.
+    pub id: String,
+    /// Tenant it acts for.
+    pub tenant: String,
+    /// Tier, `""` when none.
+    pub tier: String,
+    /// `user`, `service` or `key`.
+    pub kind: String,
+    /// How it authenticated.
+    pub auth_method: String,
+    /// Scopes.
+    pub scopes: Vec<String>,
+    /// Groups.
+    pub groups: Vec<String>,
+}
+
+/// The action asked for.
+#[derive(Debug, Clone, Serialize)]
+pub struct Action {
+    /// Its name, e.g. `invoke`.
+    pub name: String,
+}
+
+/// The resource acted on.
+#[derive(Debug, Clone, Serialize)]
+pub struct Resource {
+    /// The model's name.
+    pub id: String,
+    /// Its protocol.
+    pub protocol: String,
+}
+
+/// One decision, as the audit record keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    /// `endpoint` (later: `tenant`, `action`, `tool`).
+    pub level: &'static str,
+    /// Allowed or not.
+    pub allowed: bool,
+    /// The engine that decided.
+    pub engine: &'static str,
+    /// The version of the policy set that decided.
+    pub policy_version: String,
+    /// The policies that determined the decision.
+    pub policies: Vec<String>,
+}
+
+impl Decision {
+    /// An allow by `engine`.
+    pub fn allow(engine: &'static str, version: &str, policies: Vec<String>) -> Decision {
+        Decision {
+            level: "endpoint",
+            allowed: true,
+            engine,
+            policy_version: version.to_owned(),
+            policies,
+        }
+    }
+
+    /// A deny by `engine`.
+    pub fn deny(engine: &'static str, version: &str, policies: Vec<String>) -> Decision {
+        Decision {
+            allowed: false,
+            ..Decision::allow(engine, version, policies)
+        }
+    }
+}
+
+/// Decides whether `identity` may call `model`. Default deny: a caller with
+/// no grant (an anonymous one) may call nothing, and a policy engine that
+/// permits nothing permits nothing. Policy decisions are appended to
+/// `decisions`.
+pub fn authorize_endpoint(
+    identity: &Identity,
+    model: &ModelEndpoint,
+    policy: Option<&cedar::CedarPdp>,
+    decisions: &mut Vec<Decision>,
+) -> Result<Permit, Reject> {
+    if let Some(accepted) = &model.auth_methods
+        && !accepted.contains(&identity.method)
+    {
+        return Err(Reject::AuthMethodNotAccepted(model.name.clone()));
+    }
+    if model.require_mtls && identity.client_cert.is_none() {
+        return Err(Reject::ClientCertificateRequired(model.name.clone()));
+    }
+    let subject = match &identity.key {
+        Some(subject) if subject.models.allows(&model.name) => subject,
+        _ => return Err(Reject::ModelNotAllowed(model.name.clone())),
+    };
+    if let Some(pdp) = policy {
+        let request = AuthzRequest {
+            subject: Subject {
+                id: subject.principal.clone(),
+                tenant: subject.tenant.clone(),
+                tier: subject.tier.clone().unwrap_or_default(),
+                kind: subject.kind.as_str().to_owned(),
+                auth_method: identity.method.as_str().to_owned(),
+                scopes: subject.scopes.clone(),
+                groups: subject.groups.clone(),
+            },
+            action: Action { name: "invoke".into() },
+            resource: Resource {
+                id: model.name.clone(),
+                protocol: model.protocol.as_str().to_owned(),
+            },
+        };
+        let decision = pdp.decide(&request);
+        let allowed = decision.allowed;
+        decisions.push(decision);
+        if !allowed {
+            return Err(Reject::PolicyDenied(model.name.clone()));
+        }
+    }
+    Ok(Permit { _private: () })
+}

@@ -1,0 +1,124 @@
+//! Endpoint authorization by embedded Cedar policies, as a table of requests
+//! and expected decisions; policies that do not validate are refused.
+
+use http::StatusCode;
+
+use crate::common::*;
+
+const INITECH: &str = "initech-key-0001";
+const INITECH_SHA: &str = "9b1988fc7e8e62a5607cd1a5b81d5ba427fa06be9027ef5d030ae2f88c50c553";
+
+const POLICIES: &str = r#"
+@id("acme-all")
+permit (principal, action == Warden::Action::"invoke", resource) when { principal.tenant == "acme" };
+
+@id("globex-and-initech-chat")
+permit (principal, action == Warden::Action::"invoke", resource == Warden::Model::"demo-chat")
+when { principal.tenant == "globex" };
+
+@id("initech-oip")
+permit (principal, action == Warden::Action::"invoke", resource == Warden::Model::"fraud-scorer")
+when { principal.tenant == "initech" };
+
+@id("no-free-tier-on-oip")
+forbid (principal, action, resource) when { principal.tier == "free" && resource.protocol == "oip_v2" };
+"#;
+
+const SCHEMA: &str = include_str!("../../examples/policies/warden.cedarschema");
+
+async fn gateway(policies: &str) -> Result<TestGateway, String> {
+    let (chat, fraud) = demo_upstreams().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("p.cedar"), policies).unwrap();
+    std::fs::write(dir.path().join("s.cedarschema"), SCHEMA).unwrap();
+    let yaml = config(chat, fraud, "")
+        .replace(
+            "api_keys:",
+            &format!(
+                "policy:\n  cedar:\n    policies: {}\n    schema: {}\napi_keys:\n  - id: initech\n    sha256: {INITECH_SHA}\n    principal: peter@initech.example\n    tenant: initech\n    tier: free\n    models: [\"*\"]",
+                dir.path().join("p.cedar").display(),
+                dir.path().join("s.cedarschema").display()
+            ),
+        );
+    let path = dir.path().join("warden.yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    warden::config::Config::load(&path).map_err(|e| e.to_string())?;
+    let gw = TestGateway::start(&yaml).await;
+    drop(dir);
+    Ok(gw)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_of_requests_and_decisions() {
+    let gw = gateway(POLICIES).await.unwrap();
+    /// (key, model, status, reject reason, determining policies)
+    type Row<'a> = (&'a str, &'a str, StatusCode, Option<&'a str>, &'a [&'a str]);
+    let table: [Row; 6] = [
+        (ACME, "demo-chat", StatusCode::OK, None, &["acme-all"]),
+        (ACME, "fraud-scorer", StatusCode::OK, None, &["acme-all"]),
+        (GLOBEX, "demo-chat", StatusCode::OK, None, &["globex-and-initech-chat"]),
+        // The key's own grant stops globex before any policy is asked.
+        (
+            GLOBEX,
+            "other-chat",
+            StatusCode::FORBIDDEN,
+            Some("model_not_allowed"),
+            &[],
+        ),
+        // Granted every model, but no policy permits initech's chat: default deny.
+        (INITECH, "demo-chat", StatusCode::FORBIDDEN, Some("policy_denied"), &[]),
+        // Permitted, then forbidden: forbid wins, and says why.
+        (
+            INITECH,
+            "fraud-scorer",
+            StatusCode::FORBIDDEN,
+            Some("policy_denied"),
+            &["no-free-tier-on-oip"],
+        ),
+    ];
+    for (key, model, status, _, _) in &table {
+        let resp = if *model == "fraud-scorer" {
+            post(&gw, "/v2/models/fraud-scorer/infer", Some(key), &fraud_body(1)).await
+        } else {
+            post(&gw, "/v1/chat/completions", Some(key), &chat_body(model, false)).await
+        };
+        assert_eq!(resp.status(), *status, "{key} → {model}");
+    }
+    let records = gw.audit(table.len()).await;
+    for ((key, model, _, reason, policies), record) in table.iter().zip(&records) {
+        assert_eq!(record["reject_reason"].as_str(), *reason, "{key} → {model}");
+        let decisions = record["decisions"].as_array().unwrap();
+        if *reason == Some("model_not_allowed") {
+            assert!(decisions.is_empty(), "{key} → {model}: {decisions:?}");
+            continue;
+        }
+        assert_eq!(decisions.len(), 1, "{key} → {model}");
+        let decision = &decisions[0];
+        assert_eq!(decision["level"], "endpoint");
+        assert_eq!(decision["engine"], "cedar");
+        assert_eq!(decision["allowed"], reason.is_none(), "{key} → {model}");
+        assert_eq!(decision["policy_version"].as_str().unwrap().len(), 16);
+        let got: Vec<&str> = decision["policies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_str().unwrap())
+            .collect();
+        assert_eq!(got, *policies, "{key} → {model}");
+    }
+}
+
+#[tokio::test]
+async fn policies_that_do_not_validate_are_refused() {
+    // A misspelt attribute would otherwise never match, silently.
+    let typo =
+        r#"permit (principal, action == Warden::Action::"invoke", resource) when { principal.tenent == "acme" };"#;
+    let error = gateway(typo).await.err().expect("a policy with a typo must be refused");
+    assert!(error.contains("policy.cedar"), "{error}");
+    assert!(error.contains("tenent"), "{error}");
+    let error = gateway("permit (principal, action, resource) when {")
+        .await
+        .err()
+        .unwrap();
+    assert!(error.contains("policy.cedar"), "{error}");
+}
