@@ -84,6 +84,8 @@ pub struct AuditRecord<'a> {
     pub response_sha256: Sha256Digest,
     /// Response body length sent.
     pub response_bytes: u64,
+    /// The tenants (data partitions) the request touched, from its payload.
+    pub data_tenants: &'a [String],
     /// Every policy decision: level, result, engine, policy version and
     /// the determining policies.
     pub decisions: &'a [crate::authz::Decision],

@@ -61,6 +61,8 @@ pub struct Exchange {
     pub upstream_latency: Option<Duration>,
     /// Why the request was refused or failed, if it was.
     pub reject: Option<Reject>,
+    /// The tenants (data partitions) the request touches.
+    pub tenants: Vec<String>,
     /// Every policy decision taken.
     pub decisions: Vec<crate::authz::Decision>,
 }
@@ -103,6 +105,7 @@ impl Exchange {
             upstream_latency: None,
             reject: None,
             decisions: Vec::new(),
+            tenants: Vec::new(),
         }
     }
 
@@ -201,6 +204,7 @@ impl Finisher {
             request_bytes: ex.request_bytes,
             response_sha256,
             response_bytes,
+            data_tenants: &ex.tenants,
             decisions: &ex.decisions,
             usage,
         });

@@ -127,12 +127,24 @@ async fn life_of_request(
             if route.protocol == Protocol::Openai {
                 ex.stream = request::stream_field(&json)?;
             }
+            // 5 authorize: tenant. Which data partitions the payload touches,
+            // each decided on its own.
+            if let Some(source) = &model.tenant {
+                ex.tenants = authz::tenant::extract(source, &json, &parts.headers, &identity)?;
+                authz::authorize_tenants(
+                    &identity,
+                    &model,
+                    &ex.tenants,
+                    rt.config.policy.as_deref(),
+                    &mut ex.decisions,
+                )?;
+            }
             upstream_body(&model, route.protocol, bytes, json)?
         }
         None => Bytes::new(),
     };
 
-    // 5 authorize: tenant + action, 6 admit — built by later stages.
+    // 5 authorize: action, 6 admit — built by later stages.
 
     // 7 forward.
     let client = rt

@@ -76,6 +76,18 @@ pub enum Reject {
     /// The caller may not call this model.
     #[error("you are not allowed to call the model `{0}`")]
     ModelNotAllowed(String),
+    /// The model is partitioned by tenant and the request names none.
+    #[error("the request must name its tenant ({0})")]
+    TenantMissing(String),
+    /// The tenant is named in the wrong shape.
+    #[error("invalid tenant: {0}")]
+    TenantInvalid(String),
+    /// Only an mTLS service may name a tenant in a header.
+    #[error("the tenant header `{0}` is accepted only from mTLS-authenticated services")]
+    TenantHeaderNotAllowed(String),
+    /// The caller may not touch this tenant's data.
+    #[error("you are not allowed to access tenant `{0}`")]
+    TenantNotAllowed(String),
     /// The policy engine did not permit the call.
     #[error("the policy does not allow you to call the model `{0}`")]
     PolicyDenied(String),
@@ -119,7 +131,11 @@ impl Reject {
             | Reject::ClientCertificateRequired(_)
             | Reject::AuthMethodNotAccepted(_)
             | Reject::ConflictingCredentials => StatusCode::UNAUTHORIZED,
-            Reject::ModelNotAllowed(_) | Reject::PolicyDenied(_) => StatusCode::FORBIDDEN,
+            Reject::ModelNotAllowed(_)
+            | Reject::PolicyDenied(_)
+            | Reject::TenantHeaderNotAllowed(_)
+            | Reject::TenantNotAllowed(_) => StatusCode::FORBIDDEN,
+            Reject::TenantMissing(_) | Reject::TenantInvalid(_) => StatusCode::BAD_REQUEST,
             Reject::TooManyAuthFailures(_) => StatusCode::TOO_MANY_REQUESTS,
             Reject::UnknownRoute(_) | Reject::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Reject::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -158,6 +174,10 @@ impl Reject {
             Reject::ModelNotFound(_) => "model_not_found",
             Reject::ModelNotAllowed(_) => "model_not_allowed",
             Reject::PolicyDenied(_) => "policy_denied",
+            Reject::TenantMissing(_) => "tenant_missing",
+            Reject::TenantInvalid(_) => "tenant_invalid",
+            Reject::TenantHeaderNotAllowed(_) => "tenant_header_not_allowed",
+            Reject::TenantNotAllowed(_) => "tenant_not_allowed",
             Reject::UpstreamUnreachable => "upstream_unreachable",
             Reject::UpstreamTimeout => "upstream_timeout",
             Reject::UpstreamInvalid => "invalid_upstream_response",

@@ -3,13 +3,15 @@
 //! (at `warden check`, start and reload), so a typo in an attribute name can
 //! never become a silent deny or allow.
 //!
-//! What Warden sends (the schema must declare it, in namespace `Warden`):
+//! What Warden sends (the schema must declare it, in namespace `Warden`; see
+//! `examples/policies/warden.cedarschema`):
 //! - principal `Warden::Principal::"<principal>"` with `tenant`, `tier`
-//!   (`""` when none), `kind`, `auth_method` (Strings) and `scopes`, `groups`
-//!   (Sets of Strings);
-//! - action `Warden::Action::"invoke"`;
-//! - resource `Warden::Model::"<model>"` with `protocol` (String);
-//! - an empty context.
+//!   (`""` when none), `kind`, `auth_method` (Strings) and `tenants`,
+//!   `scopes`, `groups` (Sets of Strings);
+//! - endpoint level: action `invoke` on `Warden::Model::"<model>"` (with
+//!   `protocol`), empty context;
+//! - tenant level: action `access` on `Warden::Tenant::"<tenant>"` (with
+//!   `name`), context `{ model }`.
 //!
 //! Decisions cite policies by their `@id("…")` annotation (positional ids
 //! otherwise); the policy set's version is a hash of its text.
@@ -96,50 +98,44 @@ impl CedarPdp {
             Ok(EntityUid::from_type_name_and_id(ty, EntityId::new(id)))
         };
         let principal = uid("Warden::Principal", &r.subject.id)?;
-        let resource = uid("Warden::Model", &r.resource.id)?;
+        let resource = uid(&format!("Warden::{}", r.resource.kind), &r.resource.id)?;
         let action = uid("Warden::Action", &r.action.name)?;
         let strings = |items: &[String]| {
             RestrictedExpression::new_set(items.iter().cloned().map(RestrictedExpression::new_string))
         };
+        let text = |s: &str| RestrictedExpression::new_string(s.to_owned());
         let subject = &r.subject;
         let principal_entity = Entity::new(
             principal.clone(),
             HashMap::from([
-                (
-                    "tenant".to_owned(),
-                    RestrictedExpression::new_string(subject.tenant.clone()),
-                ),
-                (
-                    "tier".to_owned(),
-                    RestrictedExpression::new_string(subject.tier.clone()),
-                ),
-                (
-                    "kind".to_owned(),
-                    RestrictedExpression::new_string(subject.kind.clone()),
-                ),
-                (
-                    "auth_method".to_owned(),
-                    RestrictedExpression::new_string(subject.auth_method.clone()),
-                ),
+                ("tenant".to_owned(), text(&subject.tenant)),
+                ("tenants".to_owned(), strings(&subject.tenants)),
+                ("tier".to_owned(), text(&subject.tier)),
+                ("kind".to_owned(), text(&subject.kind)),
+                ("auth_method".to_owned(), text(&subject.auth_method)),
                 ("scopes".to_owned(), strings(&subject.scopes)),
                 ("groups".to_owned(), strings(&subject.groups)),
             ]),
             HashSet::new(),
         )
         .map_err(|e| e.to_string())?;
-        let resource_entity = Entity::new(
-            resource.clone(),
-            HashMap::from([(
+        let resource_attrs = match r.resource.kind {
+            "Tenant" => HashMap::from([("name".to_owned(), text(&r.resource.id))]),
+            _ => HashMap::from([(
                 "protocol".to_owned(),
-                RestrictedExpression::new_string(r.resource.protocol.clone()),
+                text(r.resource.protocol.as_deref().unwrap_or_default()),
             )]),
-            HashSet::new(),
-        )
-        .map_err(|e| e.to_string())?;
+        };
+        let resource_entity =
+            Entity::new(resource.clone(), resource_attrs, HashSet::new()).map_err(|e| e.to_string())?;
         let entities = Entities::from_entities([principal_entity, resource_entity], Some(&self.schema))
             .map_err(|e| e.to_string())?;
-        let request = Request::new(principal, action, resource, Context::empty(), Some(&self.schema))
-            .map_err(|e| e.to_string())?;
+        let context = match &r.context.model {
+            Some(model) => Context::from_pairs([("model".to_owned(), text(model))]).map_err(|e| e.to_string())?,
+            None => Context::empty(),
+        };
+        let request =
+            Request::new(principal, action, resource, context, Some(&self.schema)).map_err(|e| e.to_string())?;
         let response = Authorizer::new().is_authorized(&request, &self.policies, &entities);
         let reasons: Vec<String> = response
             .diagnostics()

@@ -12,6 +12,7 @@
 //! ran.
 
 pub mod cedar;
+pub mod tenant;
 
 use serde::Serialize;
 
@@ -34,6 +35,15 @@ pub struct AuthzRequest {
     pub action: Action,
     /// To what.
     pub resource: Resource,
+    /// Around what: the model, for tenant decisions.
+    pub context: RequestContext,
+}
+
+/// The context of a request.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RequestContext {
+    /// The model the request is for.
+    pub model: Option<String>,
 }
 
 /// The subject of a request and the properties policies may use.
@@ -49,6 +59,8 @@ pub struct Subject {
     pub kind: String,
     /// How it authenticated.
     pub auth_method: String,
+    /// Every tenant it may act for.
+    pub tenants: Vec<String>,
     /// Scopes.
     pub scopes: Vec<String>,
     /// Groups.
@@ -65,10 +77,13 @@ pub struct Action {
 /// The resource acted on.
 #[derive(Debug, Clone, Serialize)]
 pub struct Resource {
-    /// The model's name.
+    /// `Model` or `Tenant`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The model's or tenant's name.
     pub id: String,
-    /// Its protocol.
-    pub protocol: String,
+    /// A model's protocol.
+    pub protocol: Option<String>,
 }
 
 /// One decision, as the audit record keeps it.
@@ -131,20 +146,14 @@ pub fn authorize_endpoint(
     };
     if let Some(pdp) = policy {
         let request = AuthzRequest {
-            subject: Subject {
-                id: subject.principal.clone(),
-                tenant: subject.tenant.clone(),
-                tier: subject.tier.clone().unwrap_or_default(),
-                kind: subject.kind.as_str().to_owned(),
-                auth_method: identity.method.as_str().to_owned(),
-                scopes: subject.scopes.clone(),
-                groups: subject.groups.clone(),
-            },
+            subject: subject_of(identity, subject),
             action: Action { name: "invoke".into() },
             resource: Resource {
+                kind: "Model",
                 id: model.name.clone(),
-                protocol: model.protocol.as_str().to_owned(),
+                protocol: Some(model.protocol.as_str().to_owned()),
             },
+            context: RequestContext::default(),
         };
         let decision = pdp.decide(&request);
         let allowed = decision.allowed;
@@ -154,4 +163,63 @@ pub fn authorize_endpoint(
         }
     }
     Ok(Permit { _private: () })
+}
+
+/// Decides, tenant by tenant, whether `identity` may touch the data
+/// partitions a request names. Without a policy engine the rule is the
+/// credential's own: only the tenants it acts for. Each decision is kept.
+pub fn authorize_tenants(
+    identity: &Identity,
+    model: &ModelEndpoint,
+    tenants: &[String],
+    policy: Option<&cedar::CedarPdp>,
+    decisions: &mut Vec<Decision>,
+) -> Result<(), Reject> {
+    let Some(subject) = identity.key.as_deref() else {
+        return Err(Reject::TenantNotAllowed(tenants.first().cloned().unwrap_or_default()));
+    };
+    for tenant in tenants {
+        let mut decision = match policy {
+            Some(pdp) => pdp.decide(&AuthzRequest {
+                subject: subject_of(identity, subject),
+                action: Action { name: "access".into() },
+                resource: Resource {
+                    kind: "Tenant",
+                    id: tenant.clone(),
+                    protocol: None,
+                },
+                context: RequestContext {
+                    model: Some(model.name.clone()),
+                },
+            }),
+            None if subject.tenants.iter().any(|t| t == tenant) || subject.tenant == *tenant => {
+                Decision::allow("credential", "", vec!["own-tenants".into()])
+            }
+            None => Decision::deny("credential", "", Vec::new()),
+        };
+        decision.level = "tenant";
+        let allowed = decision.allowed;
+        decisions.push(decision);
+        if !allowed {
+            return Err(Reject::TenantNotAllowed(tenant.clone()));
+        }
+    }
+    Ok(())
+}
+
+fn subject_of(identity: &Identity, subject: &crate::config::ApiKey) -> Subject {
+    Subject {
+        id: subject.principal.clone(),
+        tenant: subject.tenant.clone(),
+        tier: subject.tier.clone().unwrap_or_default(),
+        kind: subject.kind.as_str().to_owned(),
+        auth_method: identity.method.as_str().to_owned(),
+        tenants: if subject.tenants.is_empty() {
+            vec![subject.tenant.clone()]
+        } else {
+            subject.tenants.clone()
+        },
+        scopes: subject.scopes.clone(),
+        groups: subject.groups.clone(),
+    }
 }

@@ -291,8 +291,21 @@ pub struct ModelEndpoint {
     pub max_body_bytes: usize,
     /// Callers need a verified, known client certificate.
     pub require_mtls: bool,
+    /// Where requests name their tenant, if the model is partitioned.
+    pub tenant: Option<TenantSource>,
     /// Authentication methods accepted; `None` means all.
     pub auth_methods: Option<Vec<crate::authn::AuthMethod>>,
+}
+
+/// Where a request names the tenant it touches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TenantSource {
+    /// A JSON pointer into the body.
+    JsonPointer(String),
+    /// An OIP v2 input tensor, one tenant per row.
+    Tensor(String),
+    /// A header, from mTLS services only.
+    Header(HeaderName),
 }
 
 /// A model server.
@@ -1011,6 +1024,32 @@ fn check_model(
     if auth_methods.as_ref().is_some_and(Vec::is_empty) {
         errs.push(&format!("{path}.auth"), "must name at least one method");
     }
+    let tenant = raw.tenant.as_ref().and_then(|t| {
+        let tpath = format!("{path}.tenant");
+        match (&t.json_pointer, &t.tensor, &t.header) {
+            (Some(p), None, None) if p.starts_with('/') => Some(TenantSource::JsonPointer(p.clone())),
+            (Some(_), None, None) => {
+                errs.push(&tpath, "`json_pointer` must start with `/`");
+                None
+            }
+            (None, Some(name), None) if protocol == Some(Protocol::OipV2) => Some(TenantSource::Tensor(name.clone())),
+            (None, Some(_), None) => {
+                errs.push(&tpath, "`tensor` is only for oip_v2 models");
+                None
+            }
+            (None, None, Some(h)) => match HeaderName::from_bytes(h.as_bytes()) {
+                Ok(h) => Some(TenantSource::Header(h)),
+                Err(_) => {
+                    errs.push(&tpath, format!("`{h}` is not a header name"));
+                    None
+                }
+            },
+            _ => {
+                errs.push(&tpath, "give exactly one of `json_pointer`, `tensor` or `header`");
+                None
+            }
+        }
+    });
     let upstream_model = raw.upstream_model.clone().unwrap_or_else(|| raw.name.clone());
     // OIP v2 puts the upstream's name in the URL path; OpenAI only in the body
     // (where names such as `meta-llama/Llama-3.1-8B-Instruct` are normal).
@@ -1031,6 +1070,7 @@ fn check_model(
         upstream_model,
         max_body_bytes,
         require_mtls: raw.require_mtls,
+        tenant,
         auth_methods,
     })
 }

@@ -432,10 +432,31 @@ pub struct RawModel {
     /// `oauth`, `mtls`. Default: every configured method.
     #[serde(default)]
     pub auth: Option<Vec<String>>,
+    /// Where the request names the tenant (data partition) it touches;
+    /// requests without one are refused. Exactly one of `json_pointer`,
+    /// `tensor` (OIP v2 input name) or `header` (believed only from mTLS
+    /// services).
+    #[serde(default)]
+    pub tenant: Option<RawTenantSource>,
     /// Callers must present a verified client certificate of a known client,
     /// besides any token or key they send (both must then pass).
     #[serde(default)]
     pub require_mtls: bool,
+}
+
+/// Where a request names its tenant.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTenantSource {
+    /// A JSON pointer into the body, e.g. `/metadata/merchant_id`.
+    #[serde(default)]
+    pub json_pointer: Option<String>,
+    /// An OIP v2 input tensor by name: one tenant per row.
+    #[serde(default)]
+    pub tensor: Option<String>,
+    /// A header, believed only from callers with a known client certificate.
+    #[serde(default)]
+    pub header: Option<String>,
 }
 
 /// One API key.

@@ -14,4 +14,5 @@ mod openai_client;
 mod policy;
 mod routes;
 mod streaming;
+mod tenant;
 mod upstream_failures;

@@ -21,7 +21,7 @@ permit (principal, action == Warden::Action::"invoke", resource == Warden::Model
 when { principal.tenant == "initech" };
 
 @id("no-free-tier-on-oip")
-forbid (principal, action, resource) when { principal.tier == "free" && resource.protocol == "oip_v2" };
+forbid (principal, action == Warden::Action::"invoke", resource) when { principal.tier == "free" && resource.protocol == "oip_v2" };
 "#;
 
 const SCHEMA: &str = include_str!("../../examples/policies/warden.cedarschema");
