@@ -139,12 +139,22 @@ async fn life_of_request(
                     &mut ex.decisions,
                 )?;
             }
+            // 5 authorize: action. The operation and the parameters a policy
+            // may constrain.
+            let params = authz::action::params(route.operation, ex.stream, &json);
+            authz::authorize_action(
+                &identity,
+                &model,
+                params,
+                rt.config.policy.as_deref(),
+                &mut ex.decisions,
+            )?;
             upstream_body(&model, route.protocol, bytes, json)?
         }
         None => Bytes::new(),
     };
 
-    // 5 authorize: action, 6 admit — built by later stages.
+    // 6 admit — built by a later stage.
 
     // 7 forward.
     let client = rt

@@ -88,6 +88,9 @@ pub enum Reject {
     /// The caller may not touch this tenant's data.
     #[error("you are not allowed to access tenant `{0}`")]
     TenantNotAllowed(String),
+    /// The policy engine did not permit the operation or its parameters.
+    #[error("the policy does not allow this `{0}` request on this model")]
+    ActionDenied(String),
     /// The policy engine did not permit the call.
     #[error("the policy does not allow you to call the model `{0}`")]
     PolicyDenied(String),
@@ -134,7 +137,8 @@ impl Reject {
             Reject::ModelNotAllowed(_)
             | Reject::PolicyDenied(_)
             | Reject::TenantHeaderNotAllowed(_)
-            | Reject::TenantNotAllowed(_) => StatusCode::FORBIDDEN,
+            | Reject::TenantNotAllowed(_)
+            | Reject::ActionDenied(_) => StatusCode::FORBIDDEN,
             Reject::TenantMissing(_) | Reject::TenantInvalid(_) => StatusCode::BAD_REQUEST,
             Reject::TooManyAuthFailures(_) => StatusCode::TOO_MANY_REQUESTS,
             Reject::UnknownRoute(_) | Reject::ModelNotFound(_) => StatusCode::NOT_FOUND,
@@ -174,6 +178,7 @@ impl Reject {
             Reject::ModelNotFound(_) => "model_not_found",
             Reject::ModelNotAllowed(_) => "model_not_allowed",
             Reject::PolicyDenied(_) => "policy_denied",
+            Reject::ActionDenied(_) => "action_denied",
             Reject::TenantMissing(_) => "tenant_missing",
             Reject::TenantInvalid(_) => "tenant_invalid",
             Reject::TenantHeaderNotAllowed(_) => "tenant_header_not_allowed",

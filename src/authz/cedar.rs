@@ -11,7 +11,9 @@
 //! - endpoint level: action `invoke` on `Warden::Model::"<model>"` (with
 //!   `protocol`), empty context;
 //! - tenant level: action `access` on `Warden::Tenant::"<tenant>"` (with
-//!   `name`), context `{ model }`.
+//!   `name`), context `{ model }`;
+//! - action level: action `use` on the model, context `{ operation, stream,
+//!   max_tokens, n, logprobs, tools, tool_choice, response_format, outputs }`.
 //!
 //! Decisions cite policies by their `@id("…")` annotation (positional ids
 //! otherwise); the policy set's version is a hash of its text.
@@ -130,10 +132,24 @@ impl CedarPdp {
             Entity::new(resource.clone(), resource_attrs, HashSet::new()).map_err(|e| e.to_string())?;
         let entities = Entities::from_entities([principal_entity, resource_entity], Some(&self.schema))
             .map_err(|e| e.to_string())?;
-        let context = match &r.context.model {
-            Some(model) => Context::from_pairs([("model".to_owned(), text(model))]).map_err(|e| e.to_string())?,
-            None => Context::empty(),
-        };
+        let mut pairs = Vec::new();
+        if let Some(model) = &r.context.model {
+            pairs.push(("model".to_owned(), text(model)));
+        }
+        if let Some(a) = &r.context.action {
+            pairs.extend([
+                ("operation".to_owned(), text(&a.operation)),
+                ("stream".to_owned(), RestrictedExpression::new_bool(a.stream)),
+                ("max_tokens".to_owned(), RestrictedExpression::new_long(a.max_tokens)),
+                ("n".to_owned(), RestrictedExpression::new_long(a.n)),
+                ("logprobs".to_owned(), RestrictedExpression::new_bool(a.logprobs)),
+                ("tools".to_owned(), strings(&a.tools)),
+                ("tool_choice".to_owned(), text(&a.tool_choice)),
+                ("response_format".to_owned(), text(&a.response_format)),
+                ("outputs".to_owned(), strings(&a.outputs)),
+            ]);
+        }
+        let context = Context::from_pairs(pairs).map_err(|e| e.to_string())?;
         let request =
             Request::new(principal, action, resource, context, Some(&self.schema)).map_err(|e| e.to_string())?;
         let response = Authorizer::new().is_authorized(&request, &self.policies, &entities);

@@ -11,6 +11,7 @@
 //! returned is the proof, required by the forwarding stage, that the checks
 //! ran.
 
+pub mod action;
 pub mod cedar;
 pub mod tenant;
 
@@ -44,6 +45,8 @@ pub struct AuthzRequest {
 pub struct RequestContext {
     /// The model the request is for.
     pub model: Option<String>,
+    /// The action level's operation and parameters.
+    pub action: Option<action::ActionParams>,
 }
 
 /// The subject of a request and the properties policies may use.
@@ -190,6 +193,7 @@ pub fn authorize_tenants(
                 },
                 context: RequestContext {
                     model: Some(model.name.clone()),
+                    action: None,
                 },
             }),
             None if subject.tenants.iter().any(|t| t == tenant) || subject.tenant == *tenant => {
@@ -221,5 +225,42 @@ fn subject_of(identity: &Identity, subject: &crate::config::ApiKey) -> Subject {
         },
         scopes: subject.scopes.clone(),
         groups: subject.groups.clone(),
+    }
+}
+
+/// Decides whether the operation and its parameters are allowed on this
+/// model. Only a policy engine constrains actions: without one, a caller
+/// allowed to call the model may ask it anything well formed.
+pub fn authorize_action(
+    identity: &Identity,
+    model: &ModelEndpoint,
+    params: action::ActionParams,
+    policy: Option<&cedar::CedarPdp>,
+    decisions: &mut Vec<Decision>,
+) -> Result<(), Reject> {
+    let (Some(pdp), Some(subject)) = (policy, identity.key.as_deref()) else {
+        return Ok(());
+    };
+    let operation = params.operation.clone();
+    let mut decision = pdp.decide(&AuthzRequest {
+        subject: subject_of(identity, subject),
+        action: Action { name: "use".into() },
+        resource: Resource {
+            kind: "Model",
+            id: model.name.clone(),
+            protocol: Some(model.protocol.as_str().to_owned()),
+        },
+        context: RequestContext {
+            model: None,
+            action: Some(params),
+        },
+    });
+    decision.level = "action";
+    let allowed = decision.allowed;
+    decisions.push(decision);
+    if allowed {
+        Ok(())
+    } else {
+        Err(Reject::ActionDenied(operation))
     }
 }

@@ -20,6 +20,15 @@ when { principal.tenant == "globex" };
 permit (principal, action == Warden::Action::"invoke", resource == Warden::Model::"fraud-scorer")
 when { principal.tenant == "initech" };
 
+@id("any-operation")
+permit (principal, action == Warden::Action::"use", resource);
+
+@id("no-logprobs-below-enterprise")
+forbid (principal, action == Warden::Action::"use", resource) when { context.logprobs && principal.tier != "enterprise" };
+
+@id("short-answers-on-free")
+forbid (principal, action == Warden::Action::"use", resource) when { principal.tier == "free" && context.max_tokens > 100 };
+
 @id("no-free-tier-on-oip")
 forbid (principal, action == Warden::Action::"invoke", resource) when { principal.tier == "free" && resource.protocol == "oip_v2" };
 "#;
@@ -87,7 +96,12 @@ async fn a_table_of_requests_and_decisions() {
     let records = gw.audit(table.len()).await;
     for ((key, model, _, reason, policies), record) in table.iter().zip(&records) {
         assert_eq!(record["reject_reason"].as_str(), *reason, "{key} → {model}");
-        let decisions = record["decisions"].as_array().unwrap();
+        let decisions: Vec<&serde_json::Value> = record["decisions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["level"] == "endpoint")
+            .collect();
         if *reason == Some("model_not_allowed") {
             assert!(decisions.is_empty(), "{key} → {model}: {decisions:?}");
             continue;
@@ -121,4 +135,38 @@ async fn policies_that_do_not_validate_are_refused() {
         .err()
         .unwrap();
     assert!(error.contains("policy.cedar"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_action_level_constrains_operations_and_parameters() {
+    let gw = gateway(POLICIES).await.unwrap();
+    let with = |extra: serde_json::Value| {
+        let mut body = chat_body("demo-chat", false);
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let plain = post(&gw, "/v1/chat/completions", Some(ACME), &with(serde_json::json!({}))).await;
+    assert_eq!(plain.status(), StatusCode::OK);
+    let logprobs = post(
+        &gw,
+        "/v1/chat/completions",
+        Some(ACME),
+        &with(serde_json::json!({"logprobs": true, "top_logprobs": 5})),
+    )
+    .await;
+    assert_eq!(logprobs.status(), StatusCode::FORBIDDEN);
+    let body: serde_json::Value = logprobs.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "action_denied");
+    let records = gw.audit(2).await;
+    let action = records[1]["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["level"] == "action")
+        .unwrap()
+        .clone();
+    assert_eq!(action["allowed"], false);
+    assert_eq!(action["policies"], serde_json::json!(["no-logprobs-below-enterprise"]));
 }

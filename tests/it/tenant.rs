@@ -161,6 +161,7 @@ async fn cross_tenant_attempts_are_refused_by_cedar() {
         &policies,
         r#"
         permit (principal, action == Warden::Action::"invoke", resource);
+        permit (principal, action == Warden::Action::"use", resource);
         @id("own-tenants-only")
         permit (principal, action == Warden::Action::"access", resource) when { principal.tenants.contains(resource.name) };
         "#,
