@@ -9,8 +9,9 @@
 // A benchmark that cannot set itself up should stop loudly.
 #![allow(clippy::expect_used)]
 
+mod support;
+
 use std::hint::black_box;
-use std::time::Instant;
 
 use http::HeaderMap;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
@@ -23,21 +24,8 @@ const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/jwt"
 const BATCH: usize = 1_000;
 const BATCHES: usize = 101;
 
-fn median_per_call(mut call: impl FnMut()) -> f64 {
-    for _ in 0..BATCH {
-        call();
-    }
-    let mut batches: Vec<f64> = (0..BATCHES)
-        .map(|_| {
-            let started = Instant::now();
-            for _ in 0..BATCH {
-                call();
-            }
-            started.elapsed().as_secs_f64() / BATCH as f64
-        })
-        .collect();
-    batches.sort_by(f64::total_cmp);
-    batches[BATCHES / 2]
+fn median_per_call(call: impl FnMut()) -> f64 {
+    support::median_per_call(BATCH, BATCHES, call)
 }
 
 fn bearer(token: &str) -> HeaderMap {

@@ -9,8 +9,9 @@
 // A benchmark that cannot set itself up should stop loudly.
 #![allow(clippy::expect_used)]
 
+mod support;
+
 use std::hint::black_box;
-use std::time::Instant;
 
 use warden::authz::action::ActionParams;
 use warden::authz::cedar::CedarPdp;
@@ -21,21 +22,8 @@ const POLICIES: &str = include_str!("../examples/policies/warden.cedar");
 const BATCH: usize = 200;
 const BATCHES: usize = 51;
 
-fn median_per_call(mut call: impl FnMut()) -> f64 {
-    for _ in 0..BATCH {
-        call();
-    }
-    let mut batches: Vec<f64> = (0..BATCHES)
-        .map(|_| {
-            let started = Instant::now();
-            for _ in 0..BATCH {
-                call();
-            }
-            started.elapsed().as_secs_f64() / BATCH as f64
-        })
-        .collect();
-    batches.sort_by(f64::total_cmp);
-    batches[BATCHES / 2]
+fn median_per_call(call: impl FnMut()) -> f64 {
+    support::median_per_call(BATCH, BATCHES, call)
 }
 
 /// The three requests Warden makes for one chat call by an acme key.
