@@ -62,11 +62,34 @@ enum Command {
         #[command(subcommand)]
         action: KeysAction,
     },
+    /// Test and explain the configuration's Cedar policies.
+    Policy {
+        /// Path of the YAML configuration (its `policy.cedar` is used).
+        #[arg(long, short)]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: PolicyAction,
+    },
     /// Check a configuration file and report every error in it.
     Check {
         /// Path of the YAML configuration.
         #[arg(long, short)]
         config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyAction {
+    /// Run test cases (request → expected decision); exits non-zero on any failure.
+    Test {
+        /// YAML files, each a list of cases.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Show the decision for each case in a file and the policies that made it.
+    Explain {
+        /// A YAML file of cases (`expect` is optional).
+        file: PathBuf,
     },
 }
 
@@ -124,6 +147,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Keys { config, action } => run(keys(config, action)),
+        Command::Policy { config, action } => policy(&config, action),
         Command::Serve { config } => run(serve(config)),
         Command::Demo {
             listen,
@@ -163,6 +187,81 @@ fn check(path: &std::path::Path) -> ExitCode {
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+fn policy(path: &std::path::Path, action: PolicyAction) -> ExitCode {
+    use warden::authz::cases::{self, Expect};
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{}: invalid configuration:\n{e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let Some(pdp) = config.policy else {
+        eprintln!("{} has no `policy.cedar` section", path.display());
+        return ExitCode::FAILURE;
+    };
+    let files = match &action {
+        PolicyAction::Test { files } => files.clone(),
+        PolicyAction::Explain { file } => vec![file.clone()],
+    };
+    let (mut passed, mut failed) = (0, 0);
+    for file in files {
+        let cases = match cases::load(&file) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        for case in cases {
+            let request = match case.request() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: {}: {e}", case.name);
+                    failed += 1;
+                    continue;
+                }
+            };
+            let decision = pdp.decide(&request);
+            let got = if decision.allowed { Expect::Allow } else { Expect::Deny };
+            match &action {
+                PolicyAction::Explain { .. } => {
+                    let explained = serde_json::json!({
+                        "case": case.name,
+                        "request": request,
+                        "decision": if decision.allowed { "allow" } else { "deny" },
+                        "determining_policies": decision.policies,
+                        "policy_version": decision.policy_version,
+                    });
+                    println!("{}", serde_json::to_string_pretty(&explained).unwrap_or_default());
+                }
+                PolicyAction::Test { .. } => match case.expect {
+                    Some(want) if want == got => passed += 1,
+                    want => {
+                        failed += 1;
+                        let word = |e: Expect| if e == Expect::Allow { "allow" } else { "deny" };
+                        println!(
+                            "FAIL {}: expected {}, got {} (policies: {:?})",
+                            case.name,
+                            want.map_or("a decision (no `expect` given)", word),
+                            word(got),
+                            decision.policies
+                        );
+                    }
+                },
+            }
+        }
+    }
+    if matches!(action, PolicyAction::Test { .. }) {
+        println!("policy: {passed} passed, {failed} failed");
+    }
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

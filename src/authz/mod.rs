@@ -12,6 +12,7 @@
 //! ran.
 
 pub mod action;
+pub mod cases;
 pub mod cedar;
 pub mod tenant;
 

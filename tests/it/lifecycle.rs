@@ -716,3 +716,60 @@ async fn two_processes_sharing_postgres_see_a_revocation_within_two_seconds() {
     }
     eprintln!("revocation reached the other process after {:?}", started.elapsed());
 }
+
+#[tokio::test]
+async fn policy_test_and_explain_for_policy_authors() {
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+    let warden = |args: &[&str]| {
+        std::process::Command::new(WARDEN)
+            .args(["policy", "--config", &format!("{examples}/warden.yaml")])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let passing = warden(&["test", &format!("{examples}/policies/tests.yaml")]);
+    let out = String::from_utf8_lossy(&passing.stdout).into_owned();
+    assert!(passing.status.success(), "{out}");
+    assert!(out.contains("policy: 8 passed, 0 failed"), "{out}");
+
+    // A case that expects the wrong decision fails the run, and says why.
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = dir.path().join("wrong.yaml");
+    std::fs::write(
+        &wrong,
+        "- name: cross-tenant read\n  principal: { id: a, tenant: acme, tier: enterprise }\n  action: access\n  model: fraud-scorer\n  tenant: globex\n  expect: allow\n",
+    )
+    .unwrap();
+    let failing = warden(&["test", wrong.to_str().unwrap()]);
+    let out = String::from_utf8_lossy(&failing.stdout).into_owned();
+    assert!(!failing.status.success());
+    assert!(
+        out.contains("FAIL cross-tenant read: expected allow, got deny"),
+        "{out}"
+    );
+    assert!(out.contains("policy: 0 passed, 1 failed"), "{out}");
+
+    // Explain names the policy that decided.
+    let explain = warden(&["explain", &format!("{examples}/policies/tests.yaml")]);
+    assert!(explain.status.success());
+    let text = String::from_utf8_lossy(&explain.stdout).into_owned();
+    let decisions: Vec<Value> = serde_json::Deserializer::from_str(&text)
+        .into_iter::<Value>()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(decisions.len(), 8);
+    let logprobs = decisions
+        .iter()
+        .find(|d| d["case"] == "no log-probabilities below enterprise")
+        .unwrap();
+    assert_eq!(logprobs["decision"], "deny");
+    assert_eq!(
+        logprobs["determining_policies"],
+        serde_json::json!(["no-logprobs-below-enterprise"])
+    );
+    let own = decisions
+        .iter()
+        .find(|d| d["case"] == "a caller reads only its own tenant's data")
+        .unwrap();
+    assert_eq!(own["determining_policies"], serde_json::json!(["own-tenants-only"]));
+}
