@@ -208,6 +208,9 @@ impl Finisher {
             decisions: &ex.decisions,
             usage,
         });
+        for decision in ex.decisions.iter().filter(|d| d.shadow_disagrees()) {
+            self.metrics.shadow_disagreement(decision.level);
+        }
         self.metrics.finish_request(
             ex.model.as_deref(),
             self.status,

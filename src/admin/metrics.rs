@@ -50,6 +50,13 @@ pub struct Metrics {
     connections: Gauge,
     reloads: Family<ReloadLabels, Counter>,
     last_reload_ok: Gauge,
+    shadow_disagreements: Family<LevelLabels, Counter>,
+}
+
+/// Labels naming a policy level.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LevelLabels {
+    level: &'static str,
 }
 
 impl Default for Metrics {
@@ -95,7 +102,14 @@ impl Metrics {
             "1 if the last configuration reload succeeded, 0 if the old one is still serving",
             last_reload_ok.clone(),
         );
+        let shadow_disagreements = Family::<LevelLabels, Counter>::default();
+        registry.register(
+            "policy_shadow_disagreements",
+            "Decisions where the shadow (candidate) policy set disagreed with the active one, by level",
+            shadow_disagreements.clone(),
+        );
         Metrics {
+            shadow_disagreements,
             registry,
             requests,
             request_duration,
@@ -139,6 +153,11 @@ impl Metrics {
                 .get_or_create(&labels)
                 .observe(upstream.as_secs_f64());
         }
+    }
+
+    /// The shadow policy set disagreed with the active one at `level`.
+    pub fn shadow_disagreement(&self, level: &'static str) {
+        self.shadow_disagreements.get_or_create(&LevelLabels { level }).inc();
     }
 
     /// A client connection opened (`+1`) or closed (`-1`).

@@ -38,6 +38,8 @@ pub struct CedarPdp {
     schema: Schema,
     /// First 16 hex digits of the SHA-256 of the policy text.
     version: String,
+    /// A candidate set evaluated beside this one and never enforced.
+    shadow: Option<Box<CedarPdp>>,
 }
 
 impl std::fmt::Debug for CedarPdp {
@@ -75,7 +77,15 @@ impl CedarPdp {
             policies: set,
             schema,
             version,
+            shadow: None,
         })
+    }
+
+    /// Tries `candidate` beside this set on every decision: its verdicts are
+    /// recorded (and disagreements counted) but never enforced.
+    pub fn with_shadow(mut self, candidate: CedarPdp) -> CedarPdp {
+        self.shadow = Some(Box::new(candidate));
+        self
     }
 
     /// The policy set's version.
@@ -85,6 +95,19 @@ impl CedarPdp {
 
     /// Decides one request. Anything Cedar cannot evaluate is a deny.
     pub fn decide(&self, request: &AuthzRequest) -> Decision {
+        let mut decision = self.decide_alone(request);
+        if let Some(candidate) = &self.shadow {
+            let verdict = candidate.decide_alone(request);
+            decision.shadow = Some(super::Shadow {
+                allowed: verdict.allowed,
+                policy_version: verdict.policy_version,
+                policies: verdict.policies,
+            });
+        }
+        decision
+    }
+
+    fn decide_alone(&self, request: &AuthzRequest) -> Decision {
         match self.evaluate(request) {
             Ok(decision) => decision,
             Err(e) => {

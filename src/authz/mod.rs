@@ -103,6 +103,21 @@ pub struct Decision {
     pub policy_version: String,
     /// The policies that determined the decision.
     pub policies: Vec<String>,
+    /// What the candidate (shadow) policy set would have decided, when one
+    /// is being tried: recorded, never enforced.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<Shadow>,
+}
+
+/// A shadow policy set's decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Shadow {
+    /// Allowed or not.
+    pub allowed: bool,
+    /// The candidate set's version.
+    pub policy_version: String,
+    /// The policies that determined it.
+    pub policies: Vec<String>,
 }
 
 impl Decision {
@@ -114,7 +129,13 @@ impl Decision {
             engine,
             policy_version: version.to_owned(),
             policies,
+            shadow: None,
         }
+    }
+
+    /// Whether a shadow policy set disagrees with this decision.
+    pub fn shadow_disagrees(&self) -> bool {
+        self.shadow.as_ref().is_some_and(|s| s.allowed != self.allowed)
     }
 
     /// A deny by `engine`.

@@ -565,15 +565,31 @@ impl Config {
             };
             let policies = read("policies", &p.cedar.policies, &mut errs);
             let schema = read("schema", &p.cedar.schema, &mut errs);
-            match crate::authz::cedar::CedarPdp::new(&policies?, &schema?) {
-                Ok(pdp) => Some(Arc::new(pdp)),
+            let shadow = p
+                .cedar
+                .shadow_policies
+                .as_ref()
+                .map(|file| read("shadow_policies", file, &mut errs));
+            let schema = schema?;
+            let mut build = |text: &str, field: &str| match crate::authz::cedar::CedarPdp::new(text, &schema) {
+                Ok(pdp) => Some(pdp),
                 Err(problems) => {
                     for problem in problems {
-                        errs.push("policy.cedar", problem);
+                        errs.push(field, problem);
                     }
                     None
                 }
-            }
+            };
+            let active = build(&policies?, "policy.cedar");
+            let candidate = match shadow {
+                Some(text) => Some(build(&text?, "policy.cedar.shadow_policies")?),
+                None => None,
+            };
+            let active = active?;
+            Some(Arc::new(match candidate {
+                Some(c) => active.with_shadow(c),
+                None => active,
+            }))
         });
         if mtls.is_some() && !client_ca {
             errs.push(

@@ -97,6 +97,11 @@ pub struct RawCedar {
     pub policies: String,
     /// The schema they are validated against (`.cedarschema`).
     pub schema: String,
+    /// A candidate policy set (same schema) tried beside the active one on
+    /// live traffic: its decisions are recorded and disagreements counted,
+    /// never enforced.
+    #[serde(default)]
+    pub shadow_policies: Option<String>,
 }
 
 /// AWS IAM authentication.

@@ -170,3 +170,55 @@ async fn the_action_level_constrains_operations_and_parameters() {
     assert_eq!(action["allowed"], false);
     assert_eq!(action["policies"], serde_json::json!(["no-logprobs-below-enterprise"]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_policy_set_is_recorded_and_counted_but_not_enforced() {
+    let (chat, fraud) = demo_upstreams().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("p.cedar"), POLICIES).unwrap();
+    std::fs::write(dir.path().join("s.cedarschema"), SCHEMA).unwrap();
+    // The candidate would stop acme from using the chat model.
+    let candidate = format!(
+        "{POLICIES}\n@id(\"candidate-no-acme-chat\")\nforbid (principal, action == Warden::Action::\"invoke\", resource == Warden::Model::\"demo-chat\") when {{ principal.tenant == \"acme\" }};\n"
+    );
+    std::fs::write(dir.path().join("candidate.cedar"), candidate).unwrap();
+    let yaml = config(chat, fraud, "").replace(
+        "api_keys:",
+        &format!(
+            "policy:\n  cedar:\n    policies: {0}/p.cedar\n    schema: {0}/s.cedarschema\n    shadow_policies: {0}/candidate.cedar\napi_keys:",
+            dir.path().display()
+        ),
+    );
+    let gw = TestGateway::start(&yaml).await;
+    let resp = post(&gw, "/v1/chat/completions", Some(ACME), &chat_body("demo-chat", false)).await;
+    assert_eq!(resp.status(), StatusCode::OK, "the shadow set is never enforced");
+
+    let records = gw.audit(1).await;
+    let endpoint = records[0]["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["level"] == "endpoint")
+        .unwrap()
+        .clone();
+    assert_eq!(endpoint["allowed"], true);
+    assert_eq!(endpoint["shadow"]["allowed"], false);
+    assert_eq!(
+        endpoint["shadow"]["policies"],
+        serde_json::json!(["candidate-no-acme-chat"])
+    );
+    assert_ne!(endpoint["shadow"]["policy_version"], endpoint["policy_version"]);
+
+    let metrics = client()
+        .get(format!("{}/metrics", gw.admin_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("warden_policy_shadow_disagreements_total{level=\"endpoint\"} 1"),
+        "{metrics}"
+    );
+}
