@@ -79,6 +79,15 @@ impl Runtime {
                 clients.insert(up.name.clone(), client);
             }
         }
+        if let (Some(pdp), Some(file)) = (&config.policy, &config.policy_file) {
+            let dir = crate::authz::history::dir_for(file);
+            match crate::authz::history::record(&dir, pdp.version(), pdp.source()) {
+                Ok(sequence) => tracing::info!(sequence, hash = pdp.version(), "policy set active"),
+                Err(e) => {
+                    tracing::warn!(error = %e, dir = %dir.display(), "policy version could not be kept for rollback")
+                }
+            }
+        }
         let managed_keys = match (&config.key_store, previous) {
             (None, _) => None,
             // The same store: keep its cache and refresher.

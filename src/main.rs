@@ -91,6 +91,14 @@ enum PolicyAction {
         /// A YAML file of cases (`expect` is optional).
         file: PathBuf,
     },
+    /// List the kept policy versions (sequence, hash, load time).
+    History,
+    /// Write a kept version back over the active policy file; it takes
+    /// effect when the gateway reloads (SIGHUP).
+    Rollback {
+        /// The version's sequence number.
+        sequence: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -199,13 +207,43 @@ fn policy(path: &std::path::Path, action: PolicyAction) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let Some(pdp) = config.policy else {
+    let (Some(pdp), Some(policy_file)) = (config.policy, config.policy_file) else {
         eprintln!("{} has no `policy.cedar` section", path.display());
         return ExitCode::FAILURE;
     };
+    let history = warden::authz::history::dir_for(&policy_file);
     let files = match &action {
         PolicyAction::Test { files } => files.clone(),
         PolicyAction::Explain { file } => vec![file.clone()],
+        PolicyAction::History => {
+            return match warden::authz::history::list(&history) {
+                Ok(versions) => {
+                    print(&versions);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {}: {e}", history.display());
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        PolicyAction::Rollback { sequence } => {
+            return match warden::authz::history::rollback(&history, *sequence, &policy_file) {
+                Ok(version) => {
+                    println!(
+                        "{} now holds policy version {} ({}); send SIGHUP to the gateway to apply it",
+                        policy_file.display(),
+                        version.sequence,
+                        version.hash
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
     };
     let (mut passed, mut failed) = (0, 0);
     for file in files {
@@ -238,6 +276,7 @@ fn policy(path: &std::path::Path, action: PolicyAction) -> ExitCode {
                     });
                     println!("{}", serde_json::to_string_pretty(&explained).unwrap_or_default());
                 }
+                PolicyAction::History | PolicyAction::Rollback { .. } => {}
                 PolicyAction::Test { .. } => match case.expect {
                     Some(want) if want == got => passed += 1,
                     want => {

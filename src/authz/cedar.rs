@@ -40,6 +40,8 @@ pub struct CedarPdp {
     version: String,
     /// A candidate set evaluated beside this one and never enforced.
     shadow: Option<Box<CedarPdp>>,
+    /// The policy text, kept for the version history.
+    source: String,
 }
 
 impl std::fmt::Debug for CedarPdp {
@@ -78,6 +80,7 @@ impl CedarPdp {
             schema,
             version,
             shadow: None,
+            source: policies.to_owned(),
         })
     }
 
@@ -91,6 +94,11 @@ impl CedarPdp {
     /// The policy set's version.
     pub fn version(&self) -> &str {
         &self.version
+    }
+
+    /// The policy text.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Decides one request. Anything Cedar cannot evaluate is a deny.

@@ -14,6 +14,7 @@
 pub mod action;
 pub mod cases;
 pub mod cedar;
+pub mod history;
 pub mod tenant;
 
 use serde::Serialize;

@@ -75,6 +75,8 @@ pub struct Config {
     pub aws: Option<AwsConfig>,
     /// The embedded policy engine, validated.
     pub policy: Option<Arc<crate::authz::cedar::CedarPdp>>,
+    /// The active policy file, for the version history and rollback.
+    pub policy_file: Option<PathBuf>,
 }
 
 /// AWS IAM authentication, checked.
@@ -620,6 +622,7 @@ impl Config {
                 introspection,
                 aws,
                 policy,
+                policy_file: raw.policy.as_ref().map(|p| resolve(base, &p.cedar.policies)),
             }),
             _ => Err(ConfigErrors(errs.0)),
         }

@@ -773,3 +773,81 @@ async fn policy_test_and_explain_for_policy_authors() {
         .unwrap();
     assert_eq!(own["determining_policies"], serde_json::json!(["own-tenants-only"]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_through_the_cli_restores_the_earlier_decisions() {
+    let (chat, fraud) = demo_upstreams().await;
+    let (listen, admin) = (free_address(), free_address());
+    let files = tempfile::tempdir().unwrap();
+    let policies = files.path().join("warden.cedar");
+    let schema = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/policies/warden.cedarschema");
+    let allow_all = "permit (principal, action, resource);\n";
+    std::fs::write(&policies, allow_all).unwrap();
+    let yaml = binary_config(chat, fraud, listen, admin, "").replace(
+        "api_keys:",
+        &format!(
+            "policy:\n  cedar:\n    policies: {}\n    schema: {schema}\napi_keys:",
+            policies.display()
+        ),
+    );
+    let mut served = Served::start(&yaml, listen, admin).await;
+    assert_eq!(served.chat_status(ACME).await, StatusCode::OK);
+
+    // Version 2 stops acme's chat; it takes effect on SIGHUP.
+    std::fs::write(
+        &policies,
+        format!(
+            "{allow_all}@id(\"stop-acme-chat\")\nforbid (principal, action == Warden::Action::\"invoke\", resource == Warden::Model::\"demo-chat\") when {{ principal.tenant == \"acme\" }};\n"
+        ),
+    )
+    .unwrap();
+    served.signal("HUP");
+    wait_for_status(&served, StatusCode::FORBIDDEN).await;
+
+    let cli = |args: &[&str]| {
+        std::process::Command::new(WARDEN)
+            .args(["policy", "--config"])
+            .arg(&served.config_path)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let history: Value = serde_json::from_slice(&cli(&["history"]).stdout).unwrap();
+    let sequences: Vec<u64> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["sequence"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sequences, [1, 2]);
+
+    let rolled = cli(&["rollback", "1"]);
+    assert!(rolled.status.success(), "{}", String::from_utf8_lossy(&rolled.stderr));
+    assert_eq!(std::fs::read_to_string(&policies).unwrap(), allow_all);
+    served.signal("HUP");
+    wait_for_status(&served, StatusCode::OK).await;
+
+    served.signal("TERM");
+    let status = timeout(Duration::from_secs(10), served.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Waits (at most 3 s) until ACME's chat call gets `want`.
+async fn wait_for_status(served: &Served, want: StatusCode) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let got = served.chat_status(ACME).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still {got} after 3 s; wanted {want}:\n{}",
+            served.stderr()
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+}
