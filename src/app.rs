@@ -201,7 +201,20 @@ pub async fn start_demo(addresses: &DemoAddresses, audit_dir: &Path) -> anyhow::
         .replace("http://127.0.0.1:8083", &format!("http://{}", bound.issuer))
         .replace("address: 127.0.0.1:8080", &format!("address: {}", addresses.gateway))
         .replace("address: 127.0.0.1:9090", &format!("address: {}", addresses.admin));
-    // Written out so that `warden keys --config` can reach the demo's key store.
+    // Written out so that `warden keys --config` and `warden policy --config`
+    // work against the demo, with the policies it runs on beside it.
+    std::fs::create_dir_all(audit_dir.join("policies"))?;
+    for (name, text) in [
+        ("demo.cedar", include_str!("../examples/policies/demo.cedar")),
+        (
+            "warden.cedarschema",
+            include_str!("../examples/policies/warden.cedarschema"),
+        ),
+        ("demo-cases.yaml", include_str!("../examples/policies/demo-cases.yaml")),
+    ] {
+        let path = audit_dir.join("policies").join(name);
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
     let written = audit_dir.join("warden-demo.yaml");
     std::fs::write(&written, &yaml).with_context(|| format!("cannot write {}", written.display()))?;
     let config = Config::parse(&yaml, audit_dir).map_err(|e| anyhow::anyhow!("embedded demo config: {e}"))?;
@@ -246,16 +259,22 @@ curl -sN http://{gw}/v1/chat/completions -H 'Authorization: Bearer {acme}' -H 'C
 curl -s -i http://{gw}/v1/chat/completions -H 'Content-Type: application/json' -d '{{"model":"demo-chat","messages":[{{"role":"user","content":"hi"}}]}}'
 
 # 4. globex may not call the fraud model (403)
-curl -s -i http://{gw}/v2/models/fraud-scorer/infer -H 'Authorization: Bearer {globex}' -H 'Content-Type: application/json' -d '{{"inputs":[{{"name":"amount","shape":[1],"datatype":"FP64","data":[25.0]}},{{"name":"merchant_id","shape":[1],"datatype":"BYTES","data":["m-1"]}},{{"name":"country","shape":[1],"datatype":"BYTES","data":["US"]}},{{"name":"hour","shape":[1],"datatype":"INT32","data":[14]}},{{"name":"card_present","shape":[1],"datatype":"BOOL","data":[true]}}]}}'
+curl -s -i http://{gw}/v2/models/fraud-scorer/infer -H 'Authorization: Bearer {globex}' -H 'Content-Type: application/json' -d '{{"inputs":[{{"name":"amount","shape":[1],"datatype":"FP64","data":[25.0]}},{{"name":"merchant_id","shape":[1],"datatype":"BYTES","data":["globex"]}},{{"name":"country","shape":[1],"datatype":"BYTES","data":["US"]}},{{"name":"hour","shape":[1],"datatype":"INT32","data":[14]}},{{"name":"card_present","shape":[1],"datatype":"BOOL","data":[true]}}]}}'
 
-# 5. acme scores two transactions (200)
-curl -s http://{gw}/v2/models/fraud-scorer/infer -H 'Authorization: Bearer {acme}' -H 'Content-Type: application/json' -d '{{"inputs":[{{"name":"amount","shape":[2],"datatype":"FP64","data":[25.0,4000.0]}},{{"name":"merchant_id","shape":[2],"datatype":"BYTES","data":["m-1","m-77"]}},{{"name":"country","shape":[2],"datatype":"BYTES","data":["US","BR"]}},{{"name":"hour","shape":[2],"datatype":"INT32","data":[14,3]}},{{"name":"card_present","shape":[2],"datatype":"BOOL","data":[true,false]}}]}}'
+# 5. merchant acme scores two of its own transactions (200)
+curl -s http://{gw}/v2/models/fraud-scorer/infer -H 'Authorization: Bearer {acme}' -H 'Content-Type: application/json' -d '{{"inputs":[{{"name":"amount","shape":[2],"datatype":"FP64","data":[25.0,4000.0]}},{{"name":"merchant_id","shape":[2],"datatype":"BYTES","data":["acme","acme"]}},{{"name":"country","shape":[2],"datatype":"BYTES","data":["US","BR"]}},{{"name":"hour","shape":[2],"datatype":"INT32","data":[14,3]}},{{"name":"card_present","shape":[2],"datatype":"BOOL","data":[true,false]}}]}}'
 
 # 6. A JWT from the demo issuer, valid for an hour (200)
 curl -s http://{gw}/v1/chat/completions -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' -d '{{"model":"demo-chat","messages":[{{"role":"user","content":"Hello from a JWT"}}]}}'
 
 # 7. Make your own key in the demo's key store (printed once; it works within a second)
 {warden} keys --config {config} create --principal you@acme.example --tenant acme --model demo-chat
+
+# 8. merchant acme tries to score a transaction of merchant globex (403)
+curl -s -i http://{gw}/v2/models/fraud-scorer/infer -H 'Authorization: Bearer {acme}' -H 'Content-Type: application/json' -d '{{"inputs":[{{"name":"amount","shape":[1],"datatype":"FP64","data":[99.0]}},{{"name":"merchant_id","shape":[1],"datatype":"BYTES","data":["globex"]}},{{"name":"country","shape":[1],"datatype":"BYTES","data":["US"]}},{{"name":"hour","shape":[1],"datatype":"INT32","data":[12]}},{{"name":"card_present","shape":[1],"datatype":"BOOL","data":[true]}}]}}'
+
+# 9. Why was that refused? Ask the policies
+{warden} policy --config {config} explain {cases}
 
 Press Ctrl-C to stop.
 "#,
@@ -264,5 +283,6 @@ Press Ctrl-C to stop.
         fraud = addresses.fraud,
         audit = audit_file.display(),
         config = config.display(),
+        cases = audit_file.with_file_name("policies").join("demo-cases.yaml").display(),
     )
 }

@@ -490,7 +490,7 @@ async fn demo_prints_commands_that_work() {
     assert!(text.contains(&format!("gateway      http://{gateway}")), "{text}");
     assert!(text.contains(&format!("http://{admin}/metrics")), "{text}");
     let commands: Vec<&String> = banner.iter().filter(|l| l.starts_with("curl ")).collect();
-    assert_eq!(commands.len(), 6, "{text}");
+    assert_eq!(commands.len(), 7, "{text}");
 
     let mut outputs = Vec::new();
     for command in &commands {
@@ -511,7 +511,36 @@ async fn demo_prints_commands_that_work() {
         outputs.push((code.trim().to_owned(), body.to_owned()));
     }
     let codes: Vec<&str> = outputs.iter().map(|(c, _)| c.as_str()).collect();
-    assert_eq!(codes, ["200", "200", "401", "403", "200", "200"], "{outputs:#?}");
+    assert_eq!(codes, ["200", "200", "401", "403", "200", "200", "403"], "{outputs:#?}");
+    assert!(
+        outputs[6].1.contains("tenant_not_allowed") || outputs[6].1.contains("globex"),
+        "{}",
+        outputs[6].1
+    );
+
+    // The printed `warden policy … explain` shows why the cross-tenant call was refused.
+    let explain_command = banner
+        .iter()
+        .skip_while(|l| !l.starts_with("# 9."))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no explain command in {text}"));
+    let explained = Command::new("sh")
+        .arg("-c")
+        .arg(explain_command)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        explained.status.success(),
+        "{}",
+        String::from_utf8_lossy(&explained.stderr)
+    );
+    let explained = String::from_utf8_lossy(&explained.stdout).into_owned();
+    assert!(
+        explained.contains("merchant acme scores merchant globex's transaction"),
+        "{explained}"
+    );
+    assert!(explained.contains("\"decision\": \"deny\""), "{explained}");
     assert!(outputs[5].1.contains("Hello from a JWT"), "{}", outputs[5].1);
 
     // The printed `warden keys … create` command makes a key the demo accepts.
@@ -578,8 +607,8 @@ async fn demo_prints_commands_that_work() {
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap()["status"].as_u64().unwrap())
         .collect();
-    // The six printed calls, then the new key's (401 until the store was read).
-    assert_eq!(statuses[..6], [200, 200, 401, 403, 200, 200], "{audit}");
+    // The seven printed calls, then the new key's (401 until the store was read).
+    assert_eq!(statuses[..7], [200, 200, 401, 403, 200, 200, 403], "{audit}");
     assert_eq!(statuses.last(), Some(&200), "{audit}");
 }
 
