@@ -5,6 +5,19 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+/// `println!` for command output, but a reader that went away (`| head`)
+/// ends the program quietly instead of panicking.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
 use warden::app;
 use warden::config::Config;
 
@@ -180,7 +193,7 @@ fn main() -> ExitCode {
 fn check(path: &std::path::Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
-            println!(
+            say!(
                 "{}: ok ({} models, {} API keys)",
                 path.display(),
                 config.models.len(),
@@ -230,7 +243,7 @@ fn policy(path: &std::path::Path, action: PolicyAction) -> ExitCode {
         PolicyAction::Rollback { sequence } => {
             return match warden::authz::history::rollback(&history, *sequence, &policy_file) {
                 Ok(version) => {
-                    println!(
+                    say!(
                         "{} now holds policy version {} ({}); send SIGHUP to the gateway to apply it",
                         policy_file.display(),
                         version.sequence,
@@ -274,7 +287,7 @@ fn policy(path: &std::path::Path, action: PolicyAction) -> ExitCode {
                         "determining_policies": decision.policies,
                         "policy_version": decision.policy_version,
                     });
-                    println!("{}", serde_json::to_string_pretty(&explained).unwrap_or_default());
+                    say!("{}", serde_json::to_string_pretty(&explained).unwrap_or_default());
                 }
                 PolicyAction::History | PolicyAction::Rollback { .. } => {}
                 PolicyAction::Test { .. } => match case.expect {
@@ -282,7 +295,7 @@ fn policy(path: &std::path::Path, action: PolicyAction) -> ExitCode {
                     want => {
                         failed += 1;
                         let word = |e: Expect| if e == Expect::Allow { "allow" } else { "deny" };
-                        println!(
+                        say!(
                             "FAIL {}: expected {}, got {} (policies: {:?})",
                             case.name,
                             want.map_or("a decision (no `expect` given)", word),
@@ -295,7 +308,7 @@ fn policy(path: &std::path::Path, action: PolicyAction) -> ExitCode {
         }
     }
     if matches!(action, PolicyAction::Test { .. }) {
-        println!("policy: {passed} passed, {failed} failed");
+        say!("policy: {passed} passed, {failed} failed");
     }
     if failed == 0 {
         ExitCode::SUCCESS
@@ -332,7 +345,7 @@ async fn demo(addresses: app::DemoAddresses, audit_dir: Option<PathBuf>) -> anyh
     std::fs::create_dir_all(&audit_dir)?;
     let (running, bound) = app::start_demo(&addresses, &audit_dir).await?;
     let audit_file = running.gateway.runtime().config.audit_file.clone();
-    println!("{}", app::demo_banner(&bound, &audit_file));
+    say!("{}", app::demo_banner(&bound, &audit_file));
     running.run_until_signal().await
 }
 
@@ -382,7 +395,7 @@ async fn keys(path: PathBuf, action: KeysAction) -> anyhow::Result<()> {
 /// Prints what a keys command returns, as pretty JSON.
 fn print<T: serde::Serialize>(value: &T) {
     match serde_json::to_string_pretty(value) {
-        Ok(text) => println!("{text}"),
+        Ok(text) => say!("{text}"),
         Err(e) => eprintln!("error: cannot print the result: {e}"),
     }
 }
