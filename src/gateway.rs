@@ -63,6 +63,15 @@ pub enum BuildError {
 }
 
 impl Runtime {
+    /// The policy engine in force, if any.
+    pub fn pdp(&self) -> Option<crate::authz::Pdp<'_>> {
+        match (&self.config.policy, &self.config.opa) {
+            (Some(cedar), _) => Some(crate::authz::Pdp::Cedar(cedar)),
+            (None, Some(opa)) => Some(crate::authz::Pdp::Opa(opa)),
+            (None, None) => None,
+        }
+    }
+
     /// Builds everything a configuration needs. `previous` lends its audit
     /// log when the file is unchanged, so one file never has two writers.
     pub async fn build(config: Config, previous: Option<&Runtime>) -> Result<Runtime, BuildError> {

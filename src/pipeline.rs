@@ -88,7 +88,7 @@ async fn life_of_request(
             let model = find_model(rt, name, route.protocol)?;
             note_model(ex, &model);
             // 3 authorize: endpoint (path-routed).
-            let permit = authz::authorize_endpoint(&identity, &model, rt.config.policy.as_deref(), &mut ex.decisions)?;
+            let permit = authz::authorize_endpoint(&identity, &model, rt.pdp(), &mut ex.decisions).await?;
             Some((model, permit))
         }
         None => None,
@@ -110,7 +110,7 @@ async fn life_of_request(
             let model = find_model(rt, request::model_field(&json)?, route.protocol)?;
             note_model(ex, &model);
             // 3 authorize: endpoint (body-routed).
-            let permit = authz::authorize_endpoint(&identity, &model, rt.config.policy.as_deref(), &mut ex.decisions)?;
+            let permit = authz::authorize_endpoint(&identity, &model, rt.pdp(), &mut ex.decisions).await?;
             endpoint = Some((model, permit));
         }
         body = Some((bytes, json));
@@ -131,24 +131,12 @@ async fn life_of_request(
             // each decided on its own.
             if let Some(source) = &model.tenant {
                 ex.tenants = authz::tenant::extract(source, &json, &parts.headers, &identity)?;
-                authz::authorize_tenants(
-                    &identity,
-                    &model,
-                    &ex.tenants,
-                    rt.config.policy.as_deref(),
-                    &mut ex.decisions,
-                )?;
+                authz::authorize_tenants(&identity, &model, &ex.tenants, rt.pdp(), &mut ex.decisions).await?;
             }
             // 5 authorize: action. The operation and the parameters a policy
             // may constrain.
             let params = authz::action::params(route.operation, ex.stream, &json);
-            authz::authorize_action(
-                &identity,
-                &model,
-                params,
-                rt.config.policy.as_deref(),
-                &mut ex.decisions,
-            )?;
+            authz::authorize_action(&identity, &model, params, rt.pdp(), &mut ex.decisions).await?;
             upstream_body(&model, route.protocol, bytes, json)?
         }
         None => Bytes::new(),

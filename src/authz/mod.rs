@@ -15,6 +15,7 @@ pub mod action;
 pub mod cases;
 pub mod cedar;
 pub mod history;
+pub mod opa;
 pub mod tenant;
 
 use serde::Serialize;
@@ -108,6 +109,28 @@ pub struct Decision {
     /// is being tried: recorded, never enforced.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shadow: Option<Shadow>,
+    /// Why the engine could not decide, when it could not (then a deny).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The policy engine in force.
+#[derive(Debug, Clone, Copy)]
+pub enum Pdp<'a> {
+    /// Embedded Cedar.
+    Cedar(&'a cedar::CedarPdp),
+    /// External OPA.
+    Opa(&'a opa::OpaPdp),
+}
+
+impl Pdp<'_> {
+    /// Decides one request.
+    pub async fn decide(&self, request: &AuthzRequest) -> Decision {
+        match self {
+            Pdp::Cedar(pdp) => pdp.decide(request),
+            Pdp::Opa(pdp) => pdp.decide(request).await,
+        }
+    }
 }
 
 /// A shadow policy set's decision.
@@ -131,6 +154,7 @@ impl Decision {
             policy_version: version.to_owned(),
             policies,
             shadow: None,
+            error: None,
         }
     }
 
@@ -152,10 +176,10 @@ impl Decision {
 /// no grant (an anonymous one) may call nothing, and a policy engine that
 /// permits nothing permits nothing. Policy decisions are appended to
 /// `decisions`.
-pub fn authorize_endpoint(
+pub async fn authorize_endpoint(
     identity: &Identity,
     model: &ModelEndpoint,
-    policy: Option<&cedar::CedarPdp>,
+    policy: Option<Pdp<'_>>,
     decisions: &mut Vec<Decision>,
 ) -> Result<Permit, Reject> {
     if let Some(accepted) = &model.auth_methods
@@ -181,7 +205,7 @@ pub fn authorize_endpoint(
             },
             context: RequestContext::default(),
         };
-        let decision = pdp.decide(&request);
+        let decision = pdp.decide(&request).await;
         let allowed = decision.allowed;
         decisions.push(decision);
         if !allowed {
@@ -194,11 +218,11 @@ pub fn authorize_endpoint(
 /// Decides, tenant by tenant, whether `identity` may touch the data
 /// partitions a request names. Without a policy engine the rule is the
 /// credential's own: only the tenants it acts for. Each decision is kept.
-pub fn authorize_tenants(
+pub async fn authorize_tenants(
     identity: &Identity,
     model: &ModelEndpoint,
     tenants: &[String],
-    policy: Option<&cedar::CedarPdp>,
+    policy: Option<Pdp<'_>>,
     decisions: &mut Vec<Decision>,
 ) -> Result<(), Reject> {
     let Some(subject) = identity.key.as_deref() else {
@@ -206,19 +230,22 @@ pub fn authorize_tenants(
     };
     for tenant in tenants {
         let mut decision = match policy {
-            Some(pdp) => pdp.decide(&AuthzRequest {
-                subject: subject_of(identity, subject),
-                action: Action { name: "access".into() },
-                resource: Resource {
-                    kind: "Tenant",
-                    id: tenant.clone(),
-                    protocol: None,
-                },
-                context: RequestContext {
-                    model: Some(model.name.clone()),
-                    action: None,
-                },
-            }),
+            Some(pdp) => {
+                pdp.decide(&AuthzRequest {
+                    subject: subject_of(identity, subject),
+                    action: Action { name: "access".into() },
+                    resource: Resource {
+                        kind: "Tenant",
+                        id: tenant.clone(),
+                        protocol: None,
+                    },
+                    context: RequestContext {
+                        model: Some(model.name.clone()),
+                        action: None,
+                    },
+                })
+                .await
+            }
             None if subject.tenants.iter().any(|t| t == tenant) || subject.tenant == *tenant => {
                 Decision::allow("credential", "", vec!["own-tenants".into()])
             }
@@ -254,30 +281,32 @@ fn subject_of(identity: &Identity, subject: &crate::config::ApiKey) -> Subject {
 /// Decides whether the operation and its parameters are allowed on this
 /// model. Only a policy engine constrains actions: without one, a caller
 /// allowed to call the model may ask it anything well formed.
-pub fn authorize_action(
+pub async fn authorize_action(
     identity: &Identity,
     model: &ModelEndpoint,
     params: action::ActionParams,
-    policy: Option<&cedar::CedarPdp>,
+    policy: Option<Pdp<'_>>,
     decisions: &mut Vec<Decision>,
 ) -> Result<(), Reject> {
     let (Some(pdp), Some(subject)) = (policy, identity.key.as_deref()) else {
         return Ok(());
     };
     let operation = params.operation.clone();
-    let mut decision = pdp.decide(&AuthzRequest {
-        subject: subject_of(identity, subject),
-        action: Action { name: "use".into() },
-        resource: Resource {
-            kind: "Model",
-            id: model.name.clone(),
-            protocol: Some(model.protocol.as_str().to_owned()),
-        },
-        context: RequestContext {
-            model: None,
-            action: Some(params),
-        },
-    });
+    let mut decision = pdp
+        .decide(&AuthzRequest {
+            subject: subject_of(identity, subject),
+            action: Action { name: "use".into() },
+            resource: Resource {
+                kind: "Model",
+                id: model.name.clone(),
+                protocol: Some(model.protocol.as_str().to_owned()),
+            },
+            context: RequestContext {
+                model: None,
+                action: Some(params),
+            },
+        })
+        .await;
     decision.level = "action";
     let allowed = decision.allowed;
     decisions.push(decision);

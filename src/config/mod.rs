@@ -77,6 +77,8 @@ pub struct Config {
     pub policy: Option<Arc<crate::authz::cedar::CedarPdp>>,
     /// The active policy file, for the version history and rollback.
     pub policy_file: Option<PathBuf>,
+    /// An external OPA, when it is the policy engine.
+    pub opa: Option<Arc<crate::authz::opa::OpaPdp>>,
 }
 
 /// AWS IAM authentication, checked.
@@ -553,7 +555,7 @@ impl Config {
             .as_ref()
             .and_then(|i| check_introspection(i, base, &declared_models, &mut errs));
         let aws = raw.aws.as_ref().map(|a| check_aws(a, &declared_models, &mut errs));
-        let policy = raw.policy.as_ref().and_then(|p| {
+        let policy = raw.policy.as_ref().and_then(|p| p.cedar.as_ref()).and_then(|cedar| {
             let read = |field: &str, file: &str, errs: &mut Errors| {
                 let file = resolve(base, file);
                 std::fs::read_to_string(&file)
@@ -565,10 +567,9 @@ impl Config {
                     })
                     .ok()
             };
-            let policies = read("policies", &p.cedar.policies, &mut errs);
-            let schema = read("schema", &p.cedar.schema, &mut errs);
-            let shadow = p
-                .cedar
+            let policies = read("policies", &cedar.policies, &mut errs);
+            let schema = read("schema", &cedar.schema, &mut errs);
+            let shadow = cedar
                 .shadow_policies
                 .as_ref()
                 .map(|file| read("shadow_policies", file, &mut errs));
@@ -593,6 +594,19 @@ impl Config {
                 None => active,
             }))
         });
+        let opa = raw.policy.as_ref().and_then(|p| p.opa.as_ref()).map(|o| {
+            if !fetchable(&o.url) {
+                errs.push("policy.opa.url", "must be https:// (plain http only on loopback)");
+            }
+            let timeout = errs.duration("policy.opa.timeout", o.timeout.as_deref(), Duration::from_millis(500));
+            let ttl = errs.duration("policy.opa.cache_ttl", o.cache_ttl.as_deref(), Duration::from_secs(10));
+            Arc::new(crate::authz::opa::OpaPdp::new(&o.url, &o.path, timeout, ttl))
+        });
+        if let Some(p) = &raw.policy
+            && p.cedar.is_some() == p.opa.is_some()
+        {
+            errs.push("policy", "give exactly one of `cedar` or `opa`");
+        }
         if mtls.is_some() && !client_ca {
             errs.push(
                 "mtls",
@@ -622,7 +636,12 @@ impl Config {
                 introspection,
                 aws,
                 policy,
-                policy_file: raw.policy.as_ref().map(|p| resolve(base, &p.cedar.policies)),
+                policy_file: raw
+                    .policy
+                    .as_ref()
+                    .and_then(|p| p.cedar.as_ref())
+                    .map(|c| resolve(base, &c.policies)),
+                opa,
             }),
             _ => Err(ConfigErrors(errs.0)),
         }

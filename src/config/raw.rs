@@ -81,12 +81,32 @@ pub struct RawIntrospection {
     pub models: Vec<String>,
 }
 
-/// The policy engine.
+/// The policy engine: exactly one of `cedar` or `opa`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPolicy {
     /// Embedded Cedar: policy and schema files.
-    pub cedar: RawCedar,
+    #[serde(default)]
+    pub cedar: Option<RawCedar>,
+    /// An external Open Policy Agent.
+    #[serde(default)]
+    pub opa: Option<RawOpa>,
+}
+
+/// An external OPA server.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOpa {
+    /// Base URL, e.g. `http://127.0.0.1:8181` (https, or http on loopback).
+    pub url: String,
+    /// The decision's path, e.g. `warden/allow`.
+    pub path: String,
+    /// Time allowed per decision; past it, deny. Default `500ms`.
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// How long a decision is reused for the same request. Default `10s`.
+    #[serde(default)]
+    pub cache_ttl: Option<String>,
 }
 
 /// Cedar policy files.

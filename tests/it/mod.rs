@@ -10,6 +10,7 @@ mod keys;
 mod lifecycle;
 mod listener;
 mod mtls;
+mod opa;
 mod openai_client;
 mod policy;
 mod routes;
