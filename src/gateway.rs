@@ -65,11 +65,13 @@ pub enum BuildError {
 impl Runtime {
     /// The policy engine in force, if any.
     pub fn pdp(&self) -> Option<crate::authz::Pdp<'_>> {
-        match (&self.config.policy, &self.config.opa) {
-            (Some(cedar), _) => Some(crate::authz::Pdp::Cedar(cedar)),
-            (None, Some(opa)) => Some(crate::authz::Pdp::Opa(opa)),
-            (None, None) => None,
+        if let Some(cedar) = &self.config.policy {
+            return Some(crate::authz::Pdp::Cedar(cedar));
         }
+        if let Some(opa) = &self.config.opa {
+            return Some(crate::authz::Pdp::Opa(opa));
+        }
+        self.config.authzen.as_deref().map(crate::authz::Pdp::Authzen)
     }
 
     /// Builds everything a configuration needs. `previous` lends its audit

@@ -12,10 +12,12 @@
 //! ran.
 
 pub mod action;
+pub mod authzen;
 pub mod cases;
 pub mod cedar;
 pub mod history;
 pub mod opa;
+pub mod remote;
 pub mod tenant;
 
 use serde::Serialize;
@@ -121,6 +123,8 @@ pub enum Pdp<'a> {
     Cedar(&'a cedar::CedarPdp),
     /// External OPA.
     Opa(&'a opa::OpaPdp),
+    /// External AuthZEN PDP.
+    Authzen(&'a authzen::AuthzenPdp),
 }
 
 impl Pdp<'_> {
@@ -129,6 +133,7 @@ impl Pdp<'_> {
         match self {
             Pdp::Cedar(pdp) => pdp.decide(request),
             Pdp::Opa(pdp) => pdp.decide(request).await,
+            Pdp::Authzen(pdp) => pdp.decide(request).await,
         }
     }
 }

@@ -6,24 +6,18 @@
 //! reason kept in the decision. Answers are cached by the request's SHA-256
 //! for `cache_ttl`, in a bounded map.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
+use super::remote::{DecisionCache, failure, verdict};
 use super::{AuthzRequest, Decision};
-
-/// Most cached decisions; beyond it the cache starts over.
-const MAX_CACHED: usize = 10_000;
 
 /// An OPA client.
 pub struct OpaPdp {
     endpoint: String,
     client: reqwest::Client,
-    cache_ttl: Duration,
-    cache: Mutex<HashMap<[u8; 32], (Instant, bool)>>,
+    cache: DecisionCache,
 }
 
 impl std::fmt::Debug for OpaPdp {
@@ -45,38 +39,37 @@ impl OpaPdp {
         OpaPdp {
             endpoint: format!("{}/v1/data/{}", url.trim_end_matches('/'), path.trim_matches('/')),
             client,
-            cache_ttl,
-            cache: Mutex::new(HashMap::new()),
+            cache: DecisionCache::new(cache_ttl),
         }
     }
 
     /// Asks OPA; any failure is a deny that says why.
     pub async fn decide(&self, request: &AuthzRequest) -> Decision {
         let input = serde_json::json!({ "input": request });
-        let key: [u8; 32] = Sha256::digest(input.to_string().as_bytes()).into();
-        if let Some(allowed) = self.cached(&key) {
-            return verdict(allowed, None);
+        let key = DecisionCache::key(&input);
+        if let Some(allowed) = self.cache.get(&key) {
+            return verdict("opa", allowed, None);
         }
         match self.ask(&input).await {
             Ok(allowed) => {
-                self.remember(key, allowed);
-                verdict(allowed, None)
+                self.cache.put(key, allowed);
+                verdict("opa", allowed, None)
             }
             Err(reason) => {
                 tracing::warn!(endpoint = %self.endpoint, %reason, "OPA gave no usable decision: denied");
-                verdict(false, Some(reason))
+                verdict("opa", false, Some(reason))
             }
         }
     }
 
     async fn ask(&self, input: &Value) -> Result<bool, String> {
-        let response = self.client.post(&self.endpoint).json(input).send().await.map_err(|e| {
-            if e.is_timeout() {
-                "timeout".to_owned()
-            } else {
-                format!("unreachable: {e}")
-            }
-        })?;
+        let response = self
+            .client
+            .post(&self.endpoint)
+            .json(input)
+            .send()
+            .await
+            .map_err(|e| failure(&e))?;
         if !response.status().is_success() {
             return Err(format!("status {}", response.status().as_u16()));
         }
@@ -92,32 +85,4 @@ impl OpaPdp {
             Some(_) => Err("`result` is neither a boolean nor an object".to_owned()),
         }
     }
-
-    fn cached(&self, key: &[u8; 32]) -> Option<bool> {
-        let cache = self.cache.lock().ok()?;
-        let (until, allowed) = cache.get(key)?;
-        (*until > Instant::now()).then_some(*allowed)
-    }
-
-    fn remember(&self, key: [u8; 32], allowed: bool) {
-        if self.cache_ttl.is_zero() {
-            return;
-        }
-        if let Ok(mut cache) = self.cache.lock() {
-            if cache.len() >= MAX_CACHED {
-                cache.clear();
-            }
-            cache.insert(key, (Instant::now() + self.cache_ttl, allowed));
-        }
-    }
-}
-
-fn verdict(allowed: bool, error: Option<String>) -> Decision {
-    let mut decision = if allowed {
-        Decision::allow("opa", "", Vec::new())
-    } else {
-        Decision::deny("opa", "", Vec::new())
-    };
-    decision.error = error;
-    decision
 }

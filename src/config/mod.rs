@@ -79,6 +79,8 @@ pub struct Config {
     pub policy_file: Option<PathBuf>,
     /// An external OPA, when it is the policy engine.
     pub opa: Option<Arc<crate::authz::opa::OpaPdp>>,
+    /// An external AuthZEN PDP, when it is the policy engine.
+    pub authzen: Option<Arc<crate::authz::authzen::AuthzenPdp>>,
 }
 
 /// AWS IAM authentication, checked.
@@ -602,10 +604,28 @@ impl Config {
             let ttl = errs.duration("policy.opa.cache_ttl", o.cache_ttl.as_deref(), Duration::from_secs(10));
             Arc::new(crate::authz::opa::OpaPdp::new(&o.url, &o.path, timeout, ttl))
         });
-        if let Some(p) = &raw.policy
-            && p.cedar.is_some() == p.opa.is_some()
-        {
-            errs.push("policy", "give exactly one of `cedar` or `opa`");
+        let authzen = raw.policy.as_ref().and_then(|p| p.authzen.as_ref()).map(|a| {
+            if !fetchable(&a.url) {
+                errs.push("policy.authzen.url", "must be https:// (plain http only on loopback)");
+            }
+            let timeout = errs.duration(
+                "policy.authzen.timeout",
+                a.timeout.as_deref(),
+                Duration::from_millis(500),
+            );
+            let ttl = errs.duration(
+                "policy.authzen.cache_ttl",
+                a.cache_ttl.as_deref(),
+                Duration::from_secs(10),
+            );
+            Arc::new(crate::authz::authzen::AuthzenPdp::new(&a.url, timeout, ttl))
+        });
+        if let Some(p) = &raw.policy {
+            let engines =
+                usize::from(p.cedar.is_some()) + usize::from(p.opa.is_some()) + usize::from(p.authzen.is_some());
+            if engines != 1 {
+                errs.push("policy", "give exactly one of `cedar`, `opa` or `authzen`");
+            }
         }
         if mtls.is_some() && !client_ca {
             errs.push(
@@ -642,6 +662,7 @@ impl Config {
                     .and_then(|p| p.cedar.as_ref())
                     .map(|c| resolve(base, &c.policies)),
                 opa,
+                authzen,
             }),
             _ => Err(ConfigErrors(errs.0)),
         }

@@ -91,6 +91,23 @@ pub struct RawPolicy {
     /// An external Open Policy Agent.
     #[serde(default)]
     pub opa: Option<RawOpa>,
+    /// An external OpenID AuthZEN PDP.
+    #[serde(default)]
+    pub authzen: Option<RawAuthzen>,
+}
+
+/// An external AuthZEN PDP.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuthzen {
+    /// Base URL; `/access/v1/evaluation` is added (https, or http on loopback).
+    pub url: String,
+    /// Time allowed per decision; past it, deny. Default `500ms`.
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// How long a decision is reused for the same request. Default `10s`.
+    #[serde(default)]
+    pub cache_ttl: Option<String>,
 }
 
 /// An external OPA server.

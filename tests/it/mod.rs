@@ -1,6 +1,7 @@
 //! Integration tests, one module per concern.
 
 mod audit;
+mod authzen;
 mod aws;
 mod errors;
 mod examples;
