@@ -1,6 +1,8 @@
-//! What the external policy engines share: a bounded decision cache with a
-//! TTL, keyed by the SHA-256 of the request sent, and the shape of a
-//! decision they return (a deny with the reason when they could not answer).
+//! What the external policy engines share: the HTTP exchange with the PDP
+//! (a POST of a JSON body within a timeout), a bounded decision cache with a
+//! TTL keyed by the SHA-256 of that body, and failing closed — a deny that
+//! says why — whenever the PDP cannot give a usable answer. Each engine
+//! supplies only its URL, its request body and how to read its answer.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -10,19 +12,94 @@ use sha2::{Digest, Sha256};
 
 use super::Decision;
 
+/// An external PDP reached over HTTP.
+pub struct RemotePdp {
+    engine: &'static str,
+    endpoint: String,
+    client: reqwest::Client,
+    cache: DecisionCache,
+}
+
+impl std::fmt::Debug for RemotePdp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemotePdp")
+            .field("engine", &self.engine)
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RemotePdp {
+    /// A PDP answering `POST endpoint` within `timeout`; decisions reused for `cache_ttl`.
+    pub fn new(engine: &'static str, endpoint: String, timeout: Duration, cache_ttl: Duration) -> RemotePdp {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        RemotePdp {
+            engine,
+            endpoint,
+            client,
+            cache: DecisionCache::new(cache_ttl),
+        }
+    }
+
+    /// Sends `body` (or reuses a fresh answer to it); `read` turns the
+    /// PDP's JSON answer into allow or deny, or says why it cannot.
+    pub async fn decide(
+        &self,
+        body: serde_json::Value,
+        read: fn(&serde_json::Value) -> Result<bool, String>,
+    ) -> Decision {
+        let key = DecisionCache::key(&body);
+        if let Some(allowed) = self.cache.get(&key) {
+            return verdict(self.engine, allowed, None);
+        }
+        match self.ask(&body, read).await {
+            Ok(allowed) => {
+                self.cache.put(key, allowed);
+                verdict(self.engine, allowed, None)
+            }
+            Err(reason) => {
+                tracing::warn!(engine = self.engine, endpoint = %self.endpoint, %reason, "no usable decision from the PDP: denied");
+                verdict(self.engine, false, Some(reason))
+            }
+        }
+    }
+
+    async fn ask(
+        &self,
+        body: &serde_json::Value,
+        read: fn(&serde_json::Value) -> Result<bool, String>,
+    ) -> Result<bool, String> {
+        let response = self
+            .client
+            .post(&self.endpoint)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| failure(&e))?;
+        if !response.status().is_success() {
+            return Err(format!("status {}", response.status().as_u16()));
+        }
+        let answer: serde_json::Value = response.json().await.map_err(|_| "malformed answer".to_owned())?;
+        read(&answer)
+    }
+}
+
 /// Most cached decisions; beyond it the cache starts over.
 const MAX_CACHED: usize = 10_000;
 
 /// Recent decisions of an external engine.
 #[derive(Debug)]
-pub struct DecisionCache {
+struct DecisionCache {
     ttl: Duration,
     entries: Mutex<HashMap<[u8; 32], (Instant, bool)>>,
 }
 
 impl DecisionCache {
     /// Decisions are reused for `ttl` (zero: never).
-    pub fn new(ttl: Duration) -> DecisionCache {
+    fn new(ttl: Duration) -> DecisionCache {
         DecisionCache {
             ttl,
             entries: Mutex::new(HashMap::new()),
@@ -30,19 +107,19 @@ impl DecisionCache {
     }
 
     /// The cache key of a request body.
-    pub fn key(body: &serde_json::Value) -> [u8; 32] {
+    fn key(body: &serde_json::Value) -> [u8; 32] {
         Sha256::digest(body.to_string().as_bytes()).into()
     }
 
     /// A still-fresh decision for `key`.
-    pub fn get(&self, key: &[u8; 32]) -> Option<bool> {
+    fn get(&self, key: &[u8; 32]) -> Option<bool> {
         let entries = self.entries.lock().ok()?;
         let (until, allowed) = entries.get(key)?;
         (*until > Instant::now()).then_some(*allowed)
     }
 
     /// Keeps a decision for the TTL.
-    pub fn put(&self, key: [u8; 32], allowed: bool) {
+    fn put(&self, key: [u8; 32], allowed: bool) {
         if self.ttl.is_zero() {
             return;
         }
@@ -56,7 +133,7 @@ impl DecisionCache {
 }
 
 /// An external engine's decision; `error` says why it could not decide.
-pub fn verdict(engine: &'static str, allowed: bool, error: Option<String>) -> Decision {
+fn verdict(engine: &'static str, allowed: bool, error: Option<String>) -> Decision {
     let mut decision = if allowed {
         Decision::allow(engine, "", Vec::new())
     } else {
@@ -67,7 +144,7 @@ pub fn verdict(engine: &'static str, allowed: bool, error: Option<String>) -> De
 }
 
 /// Why a request to an external engine failed, in a few words.
-pub fn failure(e: &reqwest::Error) -> String {
+fn failure(e: &reqwest::Error) -> String {
     if e.is_timeout() {
         "timeout".to_owned()
     } else {
