@@ -237,6 +237,9 @@ pub enum Source {
 /// A relayed SSE stream and its idle timer.
 pub struct SseSource {
     body: hyper::body::Incoming,
+    /// Declared after `body`, so dropped after it: the connection goes back
+    /// to the pool only once its body is done with.
+    _connection: crate::upstream::Lease,
     idle: Pin<Box<tokio::time::Sleep>>,
     idle_timeout: Duration,
     usage: UsageScanner,
@@ -246,9 +249,15 @@ pub struct SseSource {
 impl SseSource {
     /// Relays `body`, ending it with an error event if the upstream is silent
     /// for longer than `idle_timeout`.
-    pub fn new(body: hyper::body::Incoming, idle_timeout: Duration, protocol: Protocol) -> SseSource {
+    pub fn new(
+        body: hyper::body::Incoming,
+        idle_timeout: Duration,
+        connection: crate::upstream::Lease,
+        protocol: Protocol,
+    ) -> SseSource {
         SseSource {
             body,
+            _connection: connection,
             idle: Box::pin(tokio::time::sleep(idle_timeout)),
             idle_timeout,
             usage: UsageScanner::default(),

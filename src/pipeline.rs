@@ -181,7 +181,9 @@ fn respond(
         Ok(Reply::Upstream(answer)) => {
             let source = match answer.body {
                 AnswerBody::Full(bytes) => Source::Full(Some(bytes)),
-                AnswerBody::Sse(body, idle) => Source::Sse(Box::new(SseSource::new(body, idle, ex.protocol))),
+                AnswerBody::Sse(body, idle, connection) => {
+                    Source::Sse(Box::new(SseSource::new(body, idle, connection, ex.protocol)))
+                }
             };
             (answer.head, source, answer.usage)
         }

@@ -8,6 +8,7 @@
 //! as it arrives; anything else is collected, bounded by the upstream's
 //! `max_response_bytes`, so that later stages can inspect it whole.
 
+pub mod pool;
 pub mod sse;
 
 use std::time::{Duration, Instant};
@@ -16,60 +17,13 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 
 use crate::audit::Usage;
 use crate::authz::Permit;
 use crate::config::Upstream;
 use crate::reject::Reject;
 
-/// Pooled clients for one upstream, one per listener worker: a worker only
-/// uses connections its own runtime drives, so a request never wakes another
-/// thread.
-#[derive(Clone, Debug)]
-pub struct UpstreamClient {
-    per_worker: Vec<Client<HttpsConnector<HttpConnector>, Full<Bytes>>>,
-}
-
-impl UpstreamClient {
-    /// Clients for `workers` listener workers, honouring the upstream's
-    /// connect timeout.
-    pub fn new(upstream: &Upstream, workers: usize) -> std::io::Result<UpstreamClient> {
-        let per_worker = (0..workers.max(1))
-            .map(|_| Self::pool(upstream))
-            .collect::<std::io::Result<_>>()?;
-        Ok(UpstreamClient { per_worker })
-    }
-
-    /// The pool of the worker this runs on.
-    fn pool_here(&self) -> &Client<HttpsConnector<HttpConnector>, Full<Bytes>> {
-        let index = crate::server::worker_index() % self.per_worker.len();
-        &self.per_worker[index]
-    }
-
-    fn pool(upstream: &Upstream) -> std::io::Result<Client<HttpsConnector<HttpConnector>, Full<Bytes>>> {
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(upstream.connect_timeout));
-        http.set_nodelay(true);
-        http.enforce_http(false);
-        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_native_roots(provider)?
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
-            .timer(hyper_util::rt::TokioTimer::new())
-            .build(https);
-        Ok(client)
-    }
-}
+pub use pool::{Lease, UpstreamClient};
 
 /// What to send upstream.
 #[derive(Debug)]
@@ -106,9 +60,10 @@ pub struct Answer {
 pub enum AnswerBody {
     /// Collected whole.
     Full(Bytes),
-    /// An event stream to relay as it arrives, and the longest silence
-    /// allowed within it.
-    Sse(hyper::body::Incoming, Duration),
+    /// An event stream to relay as it arrives, the longest silence allowed
+    /// within it, and the connection it arrives on (back to the pool when
+    /// the stream is done).
+    Sse(hyper::body::Incoming, Duration, Lease),
 }
 
 /// Sends one request upstream. The [`Permit`] is proof that endpoint
@@ -119,12 +74,13 @@ pub async fn forward(
     client: &UpstreamClient,
     out: Outbound<'_>,
 ) -> Result<Answer, Reject> {
-    let uri = http::Uri::builder()
-        .scheme(upstream.scheme.clone())
-        .authority(upstream.authority.clone())
-        .path_and_query(format!("{}{}", upstream.path_prefix, out.path))
-        .build()
-        .map_err(|_| Reject::UpstreamInvalid)?;
+    // Origin form; the pool adds `Host` (HTTP/1.1) or makes it absolute (HTTP/2).
+    let uri = if upstream.path_prefix.is_empty() {
+        http::Uri::try_from(out.path)
+    } else {
+        http::Uri::try_from(format!("{}{}", upstream.path_prefix, out.path))
+    }
+    .map_err(|_| Reject::UpstreamInvalid)?;
     let mut request = Request::builder()
         .method(out.method)
         .uri(uri)
@@ -138,13 +94,13 @@ pub async fn forward(
     }
 
     let sent = Instant::now();
-    let response = match tokio::time::timeout(upstream.first_byte_timeout, client.pool_here().request(request)).await {
+    let (response, lease) = match tokio::time::timeout(upstream.first_byte_timeout, client.send(request)).await {
         Err(_) => return Err(Reject::UpstreamTimeout),
         Ok(Err(e)) => {
             tracing::warn!(upstream = %upstream.name, error = %e, "upstream request failed");
             return Err(Reject::UpstreamUnreachable);
         }
-        Ok(Ok(response)) => response,
+        Ok(Ok(sent)) => sent,
     };
     let latency = sent.elapsed();
     let (parts, body) = response.into_parts();
@@ -161,13 +117,15 @@ pub async fn forward(
         head.headers.remove(header::CONTENT_LENGTH);
         return Ok(Answer {
             head,
-            body: AnswerBody::Sse(body, upstream.idle_timeout),
+            body: AnswerBody::Sse(body, upstream.idle_timeout, lease),
             usage: None,
             latency,
         });
     }
 
     let bytes = collect(body, upstream.max_response_bytes, upstream.idle_timeout).await?;
+    // Read to its end: the connection can serve the next request.
+    drop(lease);
     let usage = if parts.status.is_success() && is_json(&parts.headers) {
         Usage::from_json(&bytes)
     } else {
