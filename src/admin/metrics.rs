@@ -3,28 +3,16 @@
 //! the model label only ever holds configured model names, never a key, user
 //! or anything the caller typed.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-/// Labels of a finished request.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RequestLabels {
-    model: String,
-    status: u16,
-    reason: &'static str,
-}
-
-/// Labels naming a model.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ModelLabels {
-    model: String,
-}
+use super::request_metrics::RequestMetrics;
 
 /// Labels of a configuration reload.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -32,21 +20,12 @@ struct ReloadLabels {
     result: String,
 }
 
-type HistogramFamily = Family<ModelLabels, Histogram, fn() -> Histogram>;
-
-fn latency_histogram() -> Histogram {
-    // 100 µs to ~52 s.
-    Histogram::new(exponential_buckets(0.0001, 2.0, 20))
-}
-
 /// Every metric Warden exports.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    requests: Family<RequestLabels, Counter>,
-    request_duration: HistogramFamily,
-    upstream_duration: HistogramFamily,
-    in_flight: Gauge,
+    /// Written by every request: kept per worker ([`RequestMetrics`]).
+    request: Arc<RequestMetrics>,
     connections: Gauge,
     reloads: Family<ReloadLabels, Counter>,
     last_reload_ok: Gauge,
@@ -69,28 +48,8 @@ impl Metrics {
     /// Registers every metric.
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("warden");
-        let requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
-            "requests",
-            "Requests finished, by model, status and reject reason",
-            requests.clone(),
-        );
-        let request_duration: HistogramFamily = Family::new_with_constructor(latency_histogram);
-        registry.register_with_unit(
-            "request_duration",
-            "Time from arrival to the last byte sent",
-            prometheus_client::registry::Unit::Seconds,
-            request_duration.clone(),
-        );
-        let upstream_duration: HistogramFamily = Family::new_with_constructor(latency_histogram);
-        registry.register_with_unit(
-            "upstream_duration",
-            "Time from sending upstream to the response head",
-            prometheus_client::registry::Unit::Seconds,
-            upstream_duration.clone(),
-        );
-        let in_flight = Gauge::default();
-        registry.register("requests_in_flight", "Requests being served", in_flight.clone());
+        let request = Arc::new(RequestMetrics::default());
+        registry.register_collector(Box::new(Arc::clone(&request)));
         let connections = Gauge::default();
         registry.register("connections_open", "Open client connections", connections.clone());
         let reloads = Family::<ReloadLabels, Counter>::default();
@@ -111,10 +70,7 @@ impl Metrics {
         Metrics {
             shadow_disagreements,
             registry,
-            requests,
-            request_duration,
-            upstream_duration,
-            in_flight,
+            request,
             connections,
             reloads,
             last_reload_ok,
@@ -123,7 +79,7 @@ impl Metrics {
 
     /// A request has started.
     pub fn start_request(&self) {
-        self.in_flight.inc();
+        self.request.start();
     }
 
     /// A request has finished: the counterpart of [`Metrics::start_request`].
@@ -135,24 +91,7 @@ impl Metrics {
         latency: Duration,
         upstream: Option<Duration>,
     ) {
-        self.in_flight.dec();
-        let model = model.unwrap_or("").to_owned();
-        self.requests
-            .get_or_create(&RequestLabels {
-                model: model.clone(),
-                status,
-                reason,
-            })
-            .inc();
-        let labels = ModelLabels { model };
-        self.request_duration
-            .get_or_create(&labels)
-            .observe(latency.as_secs_f64());
-        if let Some(upstream) = upstream {
-            self.upstream_duration
-                .get_or_create(&labels)
-                .observe(upstream.as_secs_f64());
-        }
+        self.request.finish(model, status, reason, latency, upstream);
     }
 
     /// The shadow policy set disagreed with the active one at `level`.

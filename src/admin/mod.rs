@@ -5,6 +5,7 @@
 
 pub mod keys;
 pub mod metrics;
+pub mod request_metrics;
 
 use std::sync::Arc;
 
