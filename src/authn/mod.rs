@@ -131,7 +131,11 @@ impl KeyIndex {
     /// Authenticates a request by its headers, against the configured keys
     /// and, when there is a key store, the managed ones.
     pub fn authenticate(&self, headers: &HeaderMap, managed: Option<&ManagedKeys>) -> Result<Identity, Reject> {
-        let presented = presented_key(headers)?;
+        self.authenticate_key(presented_key(headers)?, managed)
+    }
+
+    /// Authenticates the key a request presents.
+    fn authenticate_key(&self, presented: &str, managed: Option<&ManagedKeys>) -> Result<Identity, Reject> {
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         if let (Some(managed), Some(kid)) = (managed, key_format::kid_of(presented))
             && let Some(found) = managed.get(kid)
@@ -188,6 +192,10 @@ pub struct Authenticators<'a> {
 /// anything else is an API key, or, failing that, an opaque OAuth token for
 /// introspection. Two different credentials on one request are refused as
 /// ambiguous.
+///
+/// The methods that wait on a network or verify a signature run boxed: left
+/// inline, their large states would make every request's future larger, and
+/// an API-key request would pay for copying them.
 pub async fn authenticate(headers: &HeaderMap, with: Authenticators<'_>) -> Result<Identity, Reject> {
     if let Some(signed) = headers.get(aws::HEADER) {
         if headers.contains_key(http::header::AUTHORIZATION) || headers.contains_key("x-api-key") {
@@ -197,7 +205,7 @@ pub async fn authenticate(headers: &HeaderMap, with: Authenticators<'_>) -> Resu
         let signed = signed.to_str().map_err(|_| Reject::InvalidCredential)?;
         return Ok(Identity {
             method: AuthMethod::AwsIam,
-            key: Some(verifier.check(signed).await?),
+            key: Some(Box::pin(verifier.check(signed)).await?),
             client_cert: None,
         });
     }
@@ -205,14 +213,16 @@ pub async fn authenticate(headers: &HeaderMap, with: Authenticators<'_>) -> Resu
     if let Some(verifier) = with.jwt
         && jwt::looks_like_jwt(presented)
     {
-        let subject = verifier.verify(presented).await.map_err(Reject::InvalidToken)?;
+        let subject = Box::pin(verifier.verify(presented))
+            .await
+            .map_err(Reject::InvalidToken)?;
         return Ok(Identity {
             method: AuthMethod::Jwt,
             key: Some(Arc::new(subject)),
             client_cert: None,
         });
     }
-    match (with.keys.authenticate(headers, with.managed), with.introspection) {
+    match (with.keys.authenticate_key(presented, with.managed), with.introspection) {
         // An opaque bearer token that is no key of ours: ask the authorization
         // server. Generated keys (`wdn_…`) never leave the gateway.
         (Err(Reject::InvalidCredential), Some(introspector))
@@ -220,7 +230,7 @@ pub async fn authenticate(headers: &HeaderMap, with: Authenticators<'_>) -> Resu
         {
             Ok(Identity {
                 method: AuthMethod::OAuth,
-                key: Some(introspector.check(presented).await?),
+                key: Some(Box::pin(introspector.check(presented)).await?),
                 client_cert: None,
             })
         }

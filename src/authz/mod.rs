@@ -132,8 +132,10 @@ impl Pdp<'_> {
     pub async fn decide(&self, request: &AuthzRequest) -> Decision {
         match self {
             Pdp::Cedar(pdp) => pdp.decide(request),
-            Pdp::Opa(pdp) => pdp.decide(request).await,
-            Pdp::Authzen(pdp) => pdp.decide(request).await,
+            // Boxed: an HTTP exchange's state is large, and inline it would
+            // enlarge every request's future, Cedar-decided or not.
+            Pdp::Opa(pdp) => Box::pin(pdp.decide(request)).await,
+            Pdp::Authzen(pdp) => Box::pin(pdp.decide(request)).await,
         }
     }
 }
