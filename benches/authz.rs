@@ -42,6 +42,7 @@ fn requests() -> [AuthzRequest; 3] {
         kind: "Model",
         id: "llama-3.1-8b".into(),
         protocol: Some("openai".into()),
+        value_tier: Some("standard".into()),
     };
     [
         AuthzRequest {
@@ -57,6 +58,7 @@ fn requests() -> [AuthzRequest; 3] {
                 kind: "Tenant",
                 id: "acme".into(),
                 protocol: None,
+                value_tier: None,
             },
             context: RequestContext {
                 model: Some("llama-3.1-8b".into()),

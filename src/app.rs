@@ -24,6 +24,8 @@ pub struct Running {
     pub address: SocketAddr,
     /// Where the admin listener is bound.
     pub admin_address: SocketAddr,
+    /// Where the Envoy ext_authz gRPC listener is bound, when configured.
+    pub ext_authz_address: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     listeners: JoinSet<std::io::Result<()>>,
 }
@@ -37,6 +39,14 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     let admin = TcpListener::bind(config.admin_address)
         .await
         .with_context(|| format!("cannot bind the admin listener on {}", config.admin_address))?;
+    let ext_authz = match &config.ext_authz {
+        Some(e) => Some(
+            TcpListener::bind(e.address)
+                .await
+                .with_context(|| format!("cannot bind the ext_authz listener on {}", e.address))?,
+        ),
+        None => None,
+    };
     let options = ListenerOptions {
         tls: config.listen.tls.clone(),
         limits: config.listen.limits.clone(),
@@ -50,6 +60,8 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
     let address = public.local_addr()?;
     let workers = options.workers;
 
+    // Reloads when a watched policy file changes; ends with the listeners.
+    tokio::spawn(crate::gateway::watch_policy_files(Arc::clone(&gateway), signal.clone()));
     let mut listeners = JoinSet::new();
     let g = Arc::clone(&gateway);
     listeners.spawn(server::serve(
@@ -59,6 +71,24 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         move |req, peer| crate::pipeline::handle(Arc::clone(&g), req, peer),
         signal.clone(),
     ));
+    let ext_authz_address = match ext_authz {
+        Some(listener) => {
+            let bound = listener.local_addr()?;
+            // Asked on every request of the mesh: as many workers as the
+            // public listener. Plain h2c: it serves the proxy, not clients.
+            listeners.spawn(crate::ext_authz::serve(
+                listener,
+                ListenerOptions {
+                    tls: None,
+                    ..options.clone()
+                },
+                Arc::clone(&gateway),
+                signal.clone(),
+            ));
+            Some(bound)
+        }
+        None => None,
+    };
     // The admin listener answers a few cheap requests: one worker is plenty.
     let g = Arc::clone(&gateway);
     listeners.spawn(server::serve(
@@ -78,6 +108,7 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> anyhow::Resu
         gateway,
         address,
         admin_address,
+        ext_authz_address,
         shutdown,
         listeners,
     })

@@ -16,6 +16,8 @@
 //! - [`reject`]: every reason a request can fail, turned into a response in
 //!   exactly one place.
 //! - [`admin`]: health, readiness and Prometheus metrics on a separate listener.
+//! - [`ext_authz`]: Envoy's external authorization gRPC API, answered by the
+//!   same stages and policies.
 //! - [`app`]: starting, reloading and stopping the gateway; `warden demo`.
 //! - [`config`]: raw YAML types, checked runtime types, reload.
 //! - [`demo`]: embedded demo upstreams for `warden demo`, tests and benchmarks.
@@ -28,6 +30,7 @@ pub mod authz;
 pub mod config;
 pub mod demo;
 pub mod exchange;
+pub mod ext_authz;
 pub mod forwarded;
 pub mod gateway;
 pub mod pipeline;

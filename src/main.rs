@@ -107,7 +107,8 @@ enum PolicyAction {
     /// List the kept policy versions (sequence, hash, load time).
     History,
     /// Write a kept version back over the active policy file; it takes
-    /// effect when the gateway reloads (SIGHUP).
+    /// effect when the gateway reloads (at once when it watches the file,
+    /// else at SIGHUP).
     Rollback {
         /// The version's sequence number.
         sequence: u64,
@@ -244,7 +245,7 @@ fn policy(path: &std::path::Path, action: PolicyAction) -> ExitCode {
             return match warden::authz::history::rollback(&history, *sequence, &policy_file) {
                 Ok(version) => {
                     say!(
-                        "{} now holds policy version {} ({}); send SIGHUP to the gateway to apply it",
+                        "{} now holds policy version {} ({}); a gateway watching the file applies it now, otherwise send it SIGHUP",
                         policy_file.display(),
                         version.sequence,
                         version.hash

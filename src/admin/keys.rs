@@ -151,7 +151,7 @@ pub async fn handle(gateway: &Arc<Gateway>, req: Request<Incoming>) -> Response<
     }
 }
 
-fn authorized<B>(req: &Request<B>, token_sha256: &[u8; 32]) -> bool {
+pub(super) fn authorized<B>(req: &Request<B>, token_sha256: &[u8; 32]) -> bool {
     let Some(presented) = req
         .headers()
         .get(http::header::AUTHORIZATION)

@@ -1,10 +1,14 @@
 //! The operations listener: `/healthz` (the process is up), `/readyz` (it
 //! serves traffic; 503 while draining), `/metrics` (Prometheus), and the
-//! admin API under `/admin/v1/` ([`keys`]), which needs the admin token. It
-//! binds to loopback by default and serves no model traffic.
+//! admin API under `/admin/v1/` ([`keys`], [`policy`]), which needs the admin token. It
+//! binds to loopback by default and serves no model traffic. The AuthZEN
+//! evaluation API ([`access`]), under `/access/v1/`, answers other PEPs with
+//! the gateway's own policies and needs the same token.
 
+pub mod access;
 pub mod keys;
 pub mod metrics;
+pub mod policy;
 pub mod request_metrics;
 
 use std::sync::Arc;
@@ -19,8 +23,14 @@ use crate::gateway::Gateway;
 /// Answers one operations request.
 pub async fn handle(gateway: Arc<Gateway>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
+    if policy::owns(&path) {
+        return policy::handle(&gateway, req).await;
+    }
     if path.starts_with("/admin/") {
         return keys::handle(&gateway, req).await;
+    }
+    if access::owns(&path) {
+        return access::handle(&gateway, req).await;
     }
     let (status, content_type, body) = match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),

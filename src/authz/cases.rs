@@ -5,7 +5,7 @@
 //! - name: acme may chat
 //!   principal: { id: alice@acme.example, tenant: acme, tier: pro }
 //!   action: invoke            # invoke | access | use
-//!   model: llama-3.1-8b
+//!   model: llama-3.1-8b       # also: protocol (openai), value_tier (standard)
 //!   expect: allow             # allow | deny (optional for explain)
 //! - name: no logprobs on the free tier
 //!   principal: { id: bob, tenant: globex, tier: free }
@@ -41,6 +41,9 @@ pub struct Case {
     /// The model's protocol. Default `openai`.
     #[serde(default = "openai")]
     pub protocol: String,
+    /// The model's value tier (`models[].value_tier`). Default `standard`.
+    #[serde(default = "standard")]
+    pub value_tier: String,
     /// For `access`: the tenant.
     #[serde(default)]
     pub tenant: Option<String>,
@@ -54,6 +57,10 @@ pub struct Case {
 
 fn openai() -> String {
     "openai".to_owned()
+}
+
+fn standard() -> String {
+    crate::config::ValueTier::Standard.as_str().to_owned()
 }
 
 /// An expected decision.
@@ -148,6 +155,7 @@ impl Case {
             kind: "Model",
             id: self.model.clone(),
             protocol: Some(self.protocol.clone()),
+            value_tier: Some(self.value_tier.clone()),
         };
         let (resource, context) = match self.action.as_str() {
             "invoke" => (model, RequestContext::default()),
@@ -158,6 +166,7 @@ impl Case {
                         kind: "Tenant",
                         id: tenant,
                         protocol: None,
+                        value_tier: None,
                     },
                     RequestContext {
                         model: Some(self.model.clone()),
@@ -207,4 +216,23 @@ impl Case {
 pub fn load(path: &std::path::Path) -> Result<Vec<Case>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     serde_saphyr::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_case_names_the_models_value_tier_or_gets_standard() {
+        let cases: Vec<Case> = serde_saphyr::from_str(
+            "- name: high\n  principal: { id: a, tenant: acme }\n  action: invoke\n  model: fraud-scorer\n  value_tier: high\n\
+             - name: default\n  principal: { id: a, tenant: acme }\n  action: use\n  model: chat\n\
+             - name: tenant\n  principal: { id: a, tenant: acme }\n  action: access\n  model: chat\n  tenant: acme\n",
+        )
+        .unwrap();
+        let tiers: Vec<Option<String>> = cases.iter().map(|c| c.request().unwrap().resource.value_tier).collect();
+        assert_eq!(tiers, [Some("high".into()), Some("standard".into()), None]);
+    }
 }

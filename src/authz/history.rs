@@ -4,7 +4,9 @@
 //! content; reactivating the newest content adds nothing), and the copy's
 //! time is its load time. `warden policy history` lists them and `warden
 //! policy rollback SEQ` writes one back over the active policy file, to take
-//! effect at the next reload (SIGHUP).
+//! effect at the next reload (SIGHUP, or at once when the file is watched).
+//! The admin API does both in one step (`POST /admin/v1/policy/rollback/SEQ`,
+//! [`crate::admin::policy`]).
 
 use std::path::{Path, PathBuf};
 
@@ -82,18 +84,34 @@ pub fn record(dir: &Path, hash: &str, source: &str) -> std::io::Result<u64> {
     Ok(sequence)
 }
 
+/// Why a version could not be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum RollbackError {
+    /// No stored version has that sequence number.
+    #[error("no stored policy version {0}")]
+    Unknown(u64),
+    /// The history or the active file could not be read or written.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
 /// Writes version `sequence` over `active` (atomically, by rename).
-pub fn rollback(dir: &Path, sequence: u64, active: &Path) -> Result<Version, String> {
-    let versions = list(dir).map_err(|e| e.to_string())?;
-    let version = versions
+pub fn rollback(dir: &Path, sequence: u64, active: &Path) -> Result<Version, RollbackError> {
+    let version = list(dir)?
         .into_iter()
         .find(|v| v.sequence == sequence)
-        .ok_or_else(|| format!("no stored policy version {sequence}"))?;
-    let text = std::fs::read_to_string(&version.path).map_err(|e| e.to_string())?;
-    let temp = active.with_extension("rollback.tmp");
-    std::fs::write(&temp, text).map_err(|e| e.to_string())?;
-    std::fs::rename(&temp, active).map_err(|e| e.to_string())?;
+        .ok_or(RollbackError::Unknown(sequence))?;
+    let text = std::fs::read_to_string(&version.path)?;
+    replace(active, &text)?;
     Ok(version)
+}
+
+/// Writes `text` over `active` atomically: a watcher or a reload sees the
+/// old content or the new, never half of it.
+pub fn replace(active: &Path, text: &str) -> std::io::Result<()> {
+    let temp = active.with_extension("rollback.tmp");
+    std::fs::write(&temp, text)?;
+    std::fs::rename(&temp, active)
 }
 
 /// The history directory for a policy file: beside it, `<file>.history`.

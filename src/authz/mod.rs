@@ -92,6 +92,8 @@ pub struct Resource {
     pub id: String,
     /// A model's protocol.
     pub protocol: Option<String>,
+    /// A model's value tier (`standard` or `high`, from `models[].value_tier`).
+    pub value_tier: Option<String>,
 }
 
 /// One decision, as the audit record keeps it.
@@ -209,6 +211,7 @@ pub async fn authorize_endpoint(
                 kind: "Model",
                 id: model.name.clone(),
                 protocol: Some(model.protocol.as_str().to_owned()),
+                value_tier: Some(model.value_tier.as_str().to_owned()),
             },
             context: RequestContext::default(),
         };
@@ -225,6 +228,10 @@ pub async fn authorize_endpoint(
 /// Decides, tenant by tenant, whether `identity` may touch the data
 /// partitions a request names. Without a policy engine the rule is the
 /// credential's own: only the tenants it acts for. Each decision is kept.
+/// An external AuthZEN PDP is asked about every tenant in one batch (one
+/// round trip for an OIP batch's rows); every decision it returns is kept,
+/// and the first denied tenant is the one refused. The other engines are
+/// asked tenant by tenant and stop at the first deny.
 pub async fn authorize_tenants(
     identity: &Identity,
     model: &ModelEndpoint,
@@ -235,24 +242,35 @@ pub async fn authorize_tenants(
     let Some(subject) = identity.key.as_deref() else {
         return Err(Reject::TenantNotAllowed(tenants.first().cloned().unwrap_or_default()));
     };
+    let request = |tenant: &String| AuthzRequest {
+        subject: subject_of(identity, subject),
+        action: Action { name: "access".into() },
+        resource: Resource {
+            kind: "Tenant",
+            id: tenant.clone(),
+            protocol: None,
+            value_tier: None,
+        },
+        context: RequestContext {
+            model: Some(model.name.clone()),
+            action: None,
+        },
+    };
+    if let Some(Pdp::Authzen(pdp)) = policy {
+        let requests: Vec<AuthzRequest> = tenants.iter().map(request).collect();
+        let mut refused = None;
+        for (tenant, mut decision) in tenants.iter().zip(Box::pin(pdp.decide_many(&requests)).await) {
+            decision.level = "tenant";
+            if !decision.allowed && refused.is_none() {
+                refused = Some(tenant.clone());
+            }
+            decisions.push(decision);
+        }
+        return refused.map_or(Ok(()), |tenant| Err(Reject::TenantNotAllowed(tenant)));
+    }
     for tenant in tenants {
         let mut decision = match policy {
-            Some(pdp) => {
-                pdp.decide(&AuthzRequest {
-                    subject: subject_of(identity, subject),
-                    action: Action { name: "access".into() },
-                    resource: Resource {
-                        kind: "Tenant",
-                        id: tenant.clone(),
-                        protocol: None,
-                    },
-                    context: RequestContext {
-                        model: Some(model.name.clone()),
-                        action: None,
-                    },
-                })
-                .await
-            }
+            Some(pdp) => pdp.decide(&request(tenant)).await,
             None if subject.tenants.iter().any(|t| t == tenant) || subject.tenant == *tenant => {
                 Decision::allow("credential", "", vec!["own-tenants".into()])
             }
@@ -307,6 +325,7 @@ pub async fn authorize_action(
                 kind: "Model",
                 id: model.name.clone(),
                 protocol: Some(model.protocol.as_str().to_owned()),
+                value_tier: Some(model.value_tier.as_str().to_owned()),
             },
             context: RequestContext {
                 model: None,

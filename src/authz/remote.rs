@@ -3,6 +3,11 @@
 //! TTL keyed by the SHA-256 of that body, and failing closed — a deny that
 //! says why — whenever the PDP cannot give a usable answer. Each engine
 //! supplies only its URL, its request body and how to read its answer.
+//!
+//! A batch ([`RemotePdp::decide_many`]) consults the cache item by item,
+//! sends only the misses, in one request, and keeps every answer as its own
+//! decision and its own cache entry (the key is the item's single-request
+//! body, so a batch and a lone request share their cached answers).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -72,9 +77,65 @@ impl RemotePdp {
         body: &serde_json::Value,
         read: fn(&serde_json::Value) -> Result<bool, String>,
     ) -> Result<bool, String> {
+        read(&self.post(&self.endpoint, body).await?)
+    }
+
+    /// Decides several requests, `items` being each one's single-request
+    /// body: fresh cached answers are reused, and the rest go to `endpoint`
+    /// together in the body `batch` makes of them. `read` turns the answer
+    /// into verdicts, which must be exactly one per item sent, in order;
+    /// otherwise (or when the PDP fails) every item sent is a deny that says
+    /// why — fail closed, as for a single request. The decisions come
+    /// back in the order of `items`.
+    pub async fn decide_many(
+        &self,
+        endpoint: &str,
+        items: &[serde_json::Value],
+        batch: fn(&[&serde_json::Value]) -> serde_json::Value,
+        read: fn(&serde_json::Value) -> Result<Vec<bool>, String>,
+    ) -> Vec<Decision> {
+        let keys: Vec<[u8; 32]> = items.iter().map(DecisionCache::key).collect();
+        let mut decisions: Vec<Option<Decision>> = keys
+            .iter()
+            .map(|key| self.cache.get(key).map(|allowed| verdict(self.engine, allowed, None)))
+            .collect();
+        let missing: Vec<usize> = (0..items.len()).filter(|&i| decisions[i].is_none()).collect();
+        if !missing.is_empty() {
+            let sent: Vec<&serde_json::Value> = missing.iter().map(|&i| &items[i]).collect();
+            let answer = match self.post(endpoint, &batch(&sent)).await {
+                Ok(answer) => read(&answer),
+                Err(reason) => Err(reason),
+            };
+            match answer {
+                Ok(verdicts) if verdicts.len() == missing.len() => {
+                    for (&i, allowed) in missing.iter().zip(verdicts) {
+                        self.cache.put(keys[i], allowed);
+                        decisions[i] = Some(verdict(self.engine, allowed, None));
+                    }
+                }
+                other => {
+                    let reason = match other {
+                        Err(reason) => reason,
+                        Ok(verdicts) => format!("{} answers for {} requests", verdicts.len(), missing.len()),
+                    };
+                    tracing::warn!(engine = self.engine, %endpoint, %reason, items = missing.len(), "no usable batch decision from the PDP: all denied");
+                    for &i in &missing {
+                        decisions[i] = Some(verdict(self.engine, false, Some(reason.clone())));
+                    }
+                }
+            }
+        }
+        decisions
+            .into_iter()
+            .map(|d| d.unwrap_or_else(|| verdict(self.engine, false, Some("no decision".to_owned()))))
+            .collect()
+    }
+
+    /// POSTs `body` to `endpoint`: the JSON answer of a 2xx, or why there is none.
+    async fn post(&self, endpoint: &str, body: &serde_json::Value) -> Result<serde_json::Value, String> {
         let response = self
             .client
-            .post(&self.endpoint)
+            .post(endpoint)
             .json(body)
             .send()
             .await
@@ -82,8 +143,7 @@ impl RemotePdp {
         if !response.status().is_success() {
             return Err(format!("status {}", response.status().as_u16()));
         }
-        let answer: serde_json::Value = response.json().await.map_err(|_| "malformed answer".to_owned())?;
-        read(&answer)
+        response.json().await.map_err(|_| "malformed answer".to_owned())
     }
 }
 

@@ -77,10 +77,25 @@ pub struct Config {
     pub policy: Option<Arc<crate::authz::cedar::CedarPdp>>,
     /// The active policy file, for the version history and rollback.
     pub policy_file: Option<PathBuf>,
+    /// The files whose change on disk reloads the configuration (the Cedar
+    /// policies, schema and shadow policies); empty when not watched.
+    pub policy_watch: Vec<PathBuf>,
     /// An external OPA, when it is the policy engine.
     pub opa: Option<Arc<crate::authz::opa::OpaPdp>>,
     /// An external AuthZEN PDP, when it is the policy engine.
     pub authzen: Option<Arc<crate::authz::authzen::AuthzenPdp>>,
+    /// The Envoy ext_authz gRPC listener, when one is configured.
+    pub ext_authz: Option<ExtAuthzConfig>,
+}
+
+/// The Envoy ext_authz gRPC listener, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtAuthzConfig {
+    /// Where it listens.
+    pub address: SocketAddr,
+    /// Whether a request without a credential may be known by the peer
+    /// identity Envoy reports, looked up among the `mtls` clients.
+    pub trust_source_principal: bool,
 }
 
 /// AWS IAM authentication, checked.
@@ -282,6 +297,30 @@ impl Protocol {
     }
 }
 
+/// How valuable a model is: what policies use to keep some models (a
+/// fraud scorer, a fine-tuned model that is expensive to extract) for some
+/// callers. A closed set, so that a misspelt tier is a configuration error
+/// rather than a model silently treated as `standard`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ValueTier {
+    /// The default.
+    #[default]
+    Standard,
+    /// Worth restricting.
+    High,
+}
+
+impl ValueTier {
+    /// The name used in configuration and sent to policy engines.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ValueTier::Standard => "standard",
+            ValueTier::High => "high",
+        }
+    }
+}
+
 /// A model clients may call.
 #[derive(Debug)]
 pub struct ModelEndpoint {
@@ -289,6 +328,8 @@ pub struct ModelEndpoint {
     pub name: String,
     /// Wire protocol.
     pub protocol: Protocol,
+    /// How valuable it is (`models[].value_tier`), for policies.
+    pub value_tier: ValueTier,
     /// Where it is served.
     pub upstream: Arc<Upstream>,
     /// Name the upstream knows it by.
@@ -627,6 +668,18 @@ impl Config {
                 errs.push("policy", "give exactly one of `cedar`, `opa` or `authzen`");
             }
         }
+        let ext_authz = raw.ext_authz.as_ref().and_then(|e| {
+            if e.trust_source_principal && raw.mtls.is_none() {
+                errs.push(
+                    "ext_authz.trust_source_principal",
+                    "needs an `mtls` section with its clients",
+                );
+            }
+            Some(ExtAuthzConfig {
+                address: errs.socket_addr("ext_authz.listen", &e.listen)?,
+                trust_source_principal: e.trust_source_principal,
+            })
+        });
         if mtls.is_some() && !client_ca {
             errs.push(
                 "mtls",
@@ -661,8 +714,22 @@ impl Config {
                     .as_ref()
                     .and_then(|p| p.cedar.as_ref())
                     .map(|c| resolve(base, &c.policies)),
+                policy_watch: raw
+                    .policy
+                    .as_ref()
+                    .and_then(|p| p.cedar.as_ref())
+                    .filter(|c| c.watch.unwrap_or(true))
+                    .map(|c| {
+                        [Some(&c.policies), Some(&c.schema), c.shadow_policies.as_ref()]
+                            .into_iter()
+                            .flatten()
+                            .map(|file| resolve(base, file))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
                 opa,
                 authzen,
+                ext_authz,
             }),
             _ => Err(ConfigErrors(errs.0)),
         }
@@ -1041,6 +1108,17 @@ fn check_model(
             None
         }
     };
+    let value_tier = match raw.value_tier.as_deref() {
+        None | Some("standard") => Some(ValueTier::Standard),
+        Some("high") => Some(ValueTier::High),
+        Some(other) => {
+            errs.push(
+                &format!("{path}.value_tier"),
+                format!("unknown value tier `{other}`; expected `standard` or `high`"),
+            );
+            None
+        }
+    };
     let upstream = upstreams.get(&raw.upstream).cloned();
     if upstream.is_none() && !declared_upstreams.contains(raw.upstream.as_str()) {
         errs.push(
@@ -1125,6 +1203,7 @@ fn check_model(
     Some(ModelEndpoint {
         name: raw.name.clone(),
         protocol: protocol?,
+        value_tier: value_tier?,
         upstream: upstream?,
         upstream_model,
         max_body_bytes,

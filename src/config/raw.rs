@@ -43,6 +43,10 @@ pub struct RawConfig {
     /// `listen.tls.client_ca_file`).
     #[serde(default)]
     pub mtls: Option<RawMtls>,
+    /// Envoy's external authorization gRPC API, so that an Envoy or Istio
+    /// mesh can ask Warden's policies about its own traffic.
+    #[serde(default)]
+    pub ext_authz: Option<RawExtAuthz>,
 }
 
 /// RFC 7662 token introspection.
@@ -100,7 +104,8 @@ pub struct RawPolicy {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAuthzen {
-    /// Base URL; `/access/v1/evaluation` is added (https, or http on loopback).
+    /// Base URL; `/access/v1/evaluation` (one decision) and
+    /// `/access/v1/evaluations` (a batch) are added (https, or http on loopback).
     pub url: String,
     /// Time allowed per decision; past it, deny. Default `500ms`.
     #[serde(default)]
@@ -139,6 +144,11 @@ pub struct RawCedar {
     /// never enforced.
     #[serde(default)]
     pub shadow_policies: Option<String>,
+    /// Reload when the policy, schema or shadow file changes on disk, as
+    /// SIGHUP would (a set that does not validate is refused and the active
+    /// one stays). Default `true`.
+    #[serde(default)]
+    pub watch: Option<bool>,
 }
 
 /// AWS IAM authentication.
@@ -405,6 +415,28 @@ fn default_admin_address() -> String {
     "127.0.0.1:9090".to_owned()
 }
 
+/// The Envoy ext_authz gRPC listener (`envoy.service.auth.v3.Authorization`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawExtAuthz {
+    /// `host:port` of the gRPC listener (plain HTTP/2). Loopback by default:
+    /// only the proxy that asks should reach it. Default `127.0.0.1:9191`.
+    #[serde(default = "default_ext_authz_address")]
+    pub listen: String,
+    /// Accept the peer identity Envoy reports (`source.principal`, the
+    /// SPIFFE ID of the client's verified certificate) for requests that
+    /// carry no credential, looked up among the `mtls` clients. Whoever can
+    /// reach the listener can claim any principal, so turn this on only when
+    /// nothing but the proxy can. Default `false`: every request must carry a
+    /// credential Warden verifies itself.
+    #[serde(default)]
+    pub trust_source_principal: bool,
+}
+
+fn default_ext_authz_address() -> String {
+    "127.0.0.1:9191".to_owned()
+}
+
 /// The audit log.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -484,6 +516,10 @@ pub struct RawModel {
     /// besides any token or key they send (both must then pass).
     #[serde(default)]
     pub require_mtls: bool,
+    /// How valuable the model is, for policies to tell apart (Cedar's
+    /// `resource.value_tier`): `standard` (the default) or `high`.
+    #[serde(default)]
+    pub value_tier: Option<String>,
 }
 
 /// Where a request names its tenant.

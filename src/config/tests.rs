@@ -199,3 +199,19 @@ fn hmac_needs_a_256_bit_secret_and_asymmetric_is_the_default() {
     assert!(parse(jwt("      hmac_secret: { file: long }")).is_err());
     assert!(parse(jwt("      algorithms: [none]\n      jwks_url: https://i/jwks")).is_err());
 }
+
+#[test]
+fn a_model_value_tier_defaults_to_standard_and_is_checked() {
+    let c = Config::parse(MINIMAL, Path::new("/base")).unwrap();
+    assert_eq!(c.models["m"].value_tier, ValueTier::Standard);
+    let high = MINIMAL.replace("    upstream: up\n", "    upstream: up\n    value_tier: high\n");
+    assert_ne!(high, MINIMAL);
+    let c = Config::parse(&high, Path::new("/base")).unwrap();
+    assert_eq!(c.models["m"].value_tier, ValueTier::High);
+    assert_eq!(c.models["m"].value_tier.as_str(), "high");
+    // A misspelt tier is an error at its path, not a model silently standard.
+    let typo = MINIMAL.replace("    upstream: up\n", "    upstream: up\n    value_tier: hihg\n");
+    let errors = Config::parse(&typo, Path::new("/base")).unwrap_err();
+    assert_eq!(paths(&typo), ["models[0].value_tier"]);
+    assert!(errors.to_string().contains("hihg"), "{errors}");
+}

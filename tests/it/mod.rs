@@ -1,10 +1,12 @@
 //! Integration tests, one module per concern.
 
+mod access;
 mod audit;
 mod authzen;
 mod aws;
 mod errors;
 mod examples;
+mod ext_authz;
 mod introspection;
 mod jwt;
 mod keys;
@@ -14,6 +16,7 @@ mod mtls;
 mod opa;
 mod openai_client;
 mod policy;
+mod policy_reload;
 mod routes;
 mod streaming;
 mod tenant;

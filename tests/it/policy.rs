@@ -222,3 +222,107 @@ async fn a_shadow_policy_set_is_recorded_and_counted_but_not_enforced() {
         "{metrics}"
     );
 }
+
+/// The test config with the fraud model configured `value_tier: high`.
+fn with_high_value_fraud(yaml: &str) -> String {
+    let marked = yaml.replace(
+        "    max_body_bytes: 2KiB\n",
+        "    max_body_bytes: 2KiB\n    value_tier: high\n",
+    );
+    assert_ne!(marked, yaml, "the test config changed shape");
+    marked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_on_the_models_value_tier_decides() {
+    // Everyone may invoke everything, except high-value models below enterprise.
+    let policies = r#"
+@id("everything") permit (principal, action, resource);
+@id("high-value-for-enterprise")
+forbid (principal, action == Warden::Action::"invoke", resource)
+when { resource.value_tier == "high" && principal.tier != "enterprise" };
+"#;
+    for (high, status, determining) in [
+        (false, StatusCode::OK, "everything"),
+        (true, StatusCode::FORBIDDEN, "high-value-for-enterprise"),
+    ] {
+        let (chat, fraud) = demo_upstreams().await;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("p.cedar"), policies).unwrap();
+        std::fs::write(dir.path().join("s.cedarschema"), SCHEMA).unwrap();
+        let mut yaml = config(chat, fraud, "").replace(
+            "api_keys:",
+            &format!(
+                "policy:\n  cedar:\n    policies: {0}/p.cedar\n    schema: {0}/s.cedarschema\napi_keys:",
+                dir.path().display()
+            ),
+        );
+        if high {
+            yaml = with_high_value_fraud(&yaml);
+        }
+        let gw = TestGateway::start(&yaml).await;
+        // The acme key is on the pro tier.
+        let resp = post(&gw, "/v2/models/fraud-scorer/infer", Some(ACME), &fraud_body(1)).await;
+        assert_eq!(resp.status(), status, "value_tier high: {high}");
+        let chat = post(&gw, "/v1/chat/completions", Some(ACME), &chat_body("demo-chat", false)).await;
+        assert_eq!(chat.status(), StatusCode::OK, "a standard model is unaffected");
+        let records = gw.audit(2).await;
+        let endpoint = records[0]["decisions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["level"] == "endpoint")
+            .unwrap()
+            .clone();
+        assert_eq!(
+            endpoint["policies"],
+            serde_json::json!([determining]),
+            "value_tier high: {high}"
+        );
+        if high {
+            assert_eq!(records[0]["reject_reason"], "policy_denied");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_engines_get_the_value_tier_as_a_resource_property() {
+    // An OPA stand-in that allows everything and keeps what it was asked.
+    let inputs = std::sync::Arc::new(std::sync::Mutex::new(Vec::<serde_json::Value>::new()));
+    let seen = std::sync::Arc::clone(&inputs);
+    let opa = spawn_upstream(move |req: hyper::Request<hyper::body::Incoming>| {
+        let seen = std::sync::Arc::clone(&seen);
+        async move {
+            use http_body_util::BodyExt;
+            let body: serde_json::Value =
+                serde_json::from_slice(&req.into_body().collect().await.unwrap().to_bytes()).unwrap();
+            seen.lock().unwrap().push(body["input"].clone());
+            hyper::Response::builder()
+                .header("content-type", "application/json")
+                .body(full(r#"{"result": true}"#))
+                .unwrap()
+        }
+    })
+    .await;
+    let (chat, fraud) = demo_upstreams().await;
+    let yaml = with_high_value_fraud(&config(chat, fraud, "").replace(
+        "api_keys:",
+        &format!("policy:\n  opa:\n    url: http://{opa}\n    path: warden/allow\napi_keys:"),
+    ));
+    let gw = TestGateway::start(&yaml).await;
+    let resp = post(&gw, "/v2/models/fraud-scorer/infer", Some(ACME), &fraud_body(1)).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let resp = post(&gw, "/v1/chat/completions", Some(ACME), &chat_body("demo-chat", false)).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let inputs = inputs.lock().unwrap().clone();
+    let tier_of = |model: &str, action: &str| {
+        inputs
+            .iter()
+            .find(|i| i["resource"]["id"] == model && i["action"]["name"] == action)
+            .unwrap_or_else(|| panic!("no {action} on {model} in {inputs:?}"))["resource"]["value_tier"]
+            .clone()
+    };
+    assert_eq!(tier_of("fraud-scorer", "invoke"), "high");
+    assert_eq!(tier_of("demo-chat", "invoke"), "standard");
+    assert_eq!(tier_of("demo-chat", "use"), "standard");
+}
