@@ -14,6 +14,7 @@
 # Usage: bench/run.sh            (from anywhere; it works in the repository root)
 # Environment:
 #   DURATION=10s RATE=1000 CONNECTIONS=32 WARMUP=2s
+#   ROUNDS=6 ROUND_DURATION=5s   (interleaved nginx/Warden maximum-throughput rounds)
 #   WARDEN_BIN=target/release/warden   (if unset, the script runs `cargo build --release`)
 #   GATEWAY_PORT=28080 ADMIN_PORT=29090 CHAT_PORT=28081 FRAUD_PORT=28082 NGINX_PORT=28083
 #   DEMO_PORT=28084 DEMO_ADMIN_PORT=29091   (the upstream process's own, unused, gateway)
@@ -32,6 +33,8 @@ DURATION="${DURATION:-10s}"
 RATE="${RATE:-1000}"
 CONNECTIONS="${CONNECTIONS:-32}"
 WARMUP="${WARMUP:-2s}"
+ROUNDS="${ROUNDS:-6}"
+ROUND_DURATION="${ROUND_DURATION:-5s}"
 GATEWAY_PORT="${GATEWAY_PORT:-28080}"
 ADMIN_PORT="${ADMIN_PORT:-29090}"
 CHAT_PORT="${CHAT_PORT:-28081}"
@@ -49,6 +52,8 @@ API_KEY_SHA256="0afa2299e2d8d131115738eb24dc74d065fbaf69c1e96c00a5331e9d4e5d4f63
 # "10" -> "10s"; oha takes 10s, 1m, ...
 [[ "$DURATION" =~ ^[0-9]+$ ]] && DURATION="${DURATION}s"
 [[ "$WARMUP" =~ ^[0-9]+$ ]] && WARMUP="${WARMUP}s"
+[[ "$ROUND_DURATION" =~ ^[0-9]+$ ]] && ROUND_DURATION="${ROUND_DURATION}s"
+[[ "$ROUNDS" =~ ^[0-9]+$ ]] || { echo "ROUNDS must be an integer, got '$ROUNDS'" >&2; exit 2; }
 [[ "$RATE" =~ ^[0-9]+$ ]] || { echo "RATE must be an integer (req/s), got '$RATE'" >&2; exit 2; }
 [[ "$CONNECTIONS" =~ ^[0-9]+$ ]] || { echo "CONNECTIONS must be an integer, got '$CONNECTIONS'" >&2; exit 2; }
 
@@ -367,6 +372,21 @@ bench direct "$DIRECT_URL" "$UPSTREAM_PID"
 bench nginx "$NGINX_URL" $(nginx_pids)
 bench warden "$WARDEN_URL" "$GATEWAY_PID"
 
+# Interleaved rounds: nginx and Warden at maximum throughput, one after the
+# other, ROUNDS times (the order swapped every round). This machine's speed
+# drifts by tens of percent within minutes, which one nginx run followed by
+# one Warden run cannot tell from a difference between them; the median of
+# the per-round ratios can.
+for round in $(seq 1 "$ROUNDS"); do
+    if ((round % 2)); then order=(nginx warden); else order=(warden nginx); fi
+    for target in "${order[@]}"; do
+        url="$NGINX_URL"
+        [[ $target == warden ]] && url="$WARDEN_URL"
+        log "round $round/$ROUNDS: $target at maximum throughput for $ROUND_DURATION"
+        oha_run "$TMP/results/round-$round-$target.json" "$url" -z "$ROUND_DURATION" -c "$CONNECTIONS"
+    done
+done
+
 # Give the audit writer a moment to drain, then count its records.
 sleep 1
 AUDIT_LINES=0
@@ -386,7 +406,7 @@ if [[ "$COMMIT" != none* ]] && ! git diff --quiet HEAD -- src Cargo.toml Cargo.l
     COMMIT="$COMMIT (+ uncommitted changes)"
 fi
 
-export B_CMD="DURATION=$DURATION RATE=$RATE CONNECTIONS=$CONNECTIONS WARMUP=$WARMUP ${WARDEN_BIN_SET:+WARDEN_BIN=$WARDEN_BIN }$ORIG_CMD"
+export B_CMD="DURATION=$DURATION RATE=$RATE CONNECTIONS=$CONNECTIONS WARMUP=$WARMUP ROUNDS=$ROUNDS ROUND_DURATION=$ROUND_DURATION ${WARDEN_BIN_SET:+WARDEN_BIN=$WARDEN_BIN }$ORIG_CMD"
 export B_DATE="$(date -u '+%Y-%m-%d %H:%M:%S UTC')"
 export B_NPROC="$(nproc)"
 export B_CPU="$CPU_MODEL"
@@ -394,6 +414,7 @@ export B_LOADAVG="$(cut -d' ' -f1-3 /proc/loadavg)"
 export B_COMMIT="$COMMIT"
 export B_MODE="$MODE"
 export B_RATE="$RATE" B_DURATION="$DURATION" B_CONNECTIONS="$CONNECTIONS" B_WARMUP="$WARMUP"
+export B_ROUNDS="$ROUNDS" B_ROUND_DURATION="$ROUND_DURATION"
 export B_OHA="$("$OHA" --version 2>/dev/null | head -n1)"
 export B_NGINX="$("$NGINX_BIN" -v 2>&1 | sed 's/^nginx version: //')"  # e.g. nginx/1.22.1
 export B_WARDEN="$("$WARDEN_BIN" --version 2>/dev/null | head -n1 || echo warden)"

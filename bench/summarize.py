@@ -185,10 +185,40 @@ def main():
         out.append(f"- CPU per request Warden / nginx: {w['cpu_us'] / n['cpu_us']:.2f}×")
     out.append("")
 
+    # Interleaved rounds: the verdict on throughput is their median ratio.
+    rounds = []
+    round_ok_n = 0
+    for i in range(1, int(env("B_ROUNDS", "0") or 0) + 1):
+        rn = load(results, f"round-{i}-nginx.json")
+        rw = load(results, f"round-{i}-warden.json")
+        round_ok_n += count_2xx(rw)
+        rounds.append((rn["summary"]["requestsPerSec"], rw["summary"]["requestsPerSec"]))
+    median_ratio = None
+    if rounds:
+        ratios = sorted(w_ / n_ for n_, w_ in rounds)
+        mid = len(ratios) // 2
+        median_ratio = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+        out.append(
+            f"## Interleaved rounds ({len(rounds)} × {env('B_ROUND_DURATION')} at maximum throughput, "
+            f"{env('B_CONNECTIONS')} connections, nginx and Warden alternating)"
+        )
+        out.append("")
+        rows = [[str(i + 1), rps(n_), rps(w_), f"{w_ / n_:.2f}×"] for i, (n_, w_) in enumerate(rounds)]
+        out.append(table(["round", "nginx req/s", "Warden req/s", "Warden / nginx"], rows))
+        out.append("")
+        out.append(
+            f"- median Warden / nginx over the rounds: **{median_ratio:.2f}×** "
+            f"(range {ratios[0]:.2f}× to {ratios[-1]:.2f}×)"
+        )
+        out.append("")
+
     out.append("## Against the project's targets")
     out.append("")
     ok1 = w_add < P50_BUDGET_US
-    ok2 = tw_n >= THROUGHPUT_VS_NGINX
+    # The median of interleaved rounds when there are any: a single pair of
+    # runs on this machine moves by tens of percent with its speed.
+    throughput_ratio = median_ratio if median_ratio is not None else tw_n
+    ok2 = throughput_ratio >= THROUGHPUT_VS_NGINX
     out.append(
         f"- Warden adds under 0.3 ms to p50 at 1,000 req/s: **{'MET' if ok1 else 'MISSED'}** "
         f"(+{w_add:.0f} µs measured at {rate:,.0f} req/s"
@@ -196,7 +226,11 @@ def main():
     )
     out.append(
         f"- max throughput over 32 connections at least 0.8× nginx's: **{'MET' if ok2 else 'MISSED'}** "
-        f"({tw_n:.2f}× with {env('B_CONNECTIONS')} connections)"
+        + (
+            f"(median of {len(rounds)} interleaved rounds: {median_ratio:.2f}×; the single run above: {tw_n:.2f}×)"
+            if median_ratio is not None
+            else f"({tw_n:.2f}× with {env('B_CONNECTIONS')} connections)"
+        )
     )
     out.append("")
 
@@ -211,7 +245,7 @@ def main():
             out.append(f"- **WARNING**: {label} reached only {x['fixed_rps']:,.0f} req/s of the {rate:,.0f} asked in the fixed-rate run")
     audit = int(env("B_AUDIT_LINES", "0") or 0)
     audit_200 = int(env("B_AUDIT_200", "0") or 0)
-    expected = w["ok_n"] + int(env("B_CURL_CHECKS", "0") or 0)
+    expected = w["ok_n"] + round_ok_n + int(env("B_CURL_CHECKS", "0") or 0)
     out.append(
         f"- Warden audit log: {audit_200:,} records with status 200 for {expected:,} successful requests "
         f"sent to it (oha + curl checks); {audit:,} records in all (the rest: the script's port probe)"
