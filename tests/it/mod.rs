@@ -21,3 +21,4 @@ mod routes;
 mod streaming;
 mod tenant;
 mod upstream_failures;
+mod upstream_pool;
