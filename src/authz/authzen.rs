@@ -53,10 +53,17 @@ pub fn wire(request: &AuthzRequest) -> Value {
 impl AuthzenPdp {
     /// A client for the PDP at `url` (its base; `/access/v1/evaluation` and
     /// `/access/v1/evaluations` are added).
-    pub fn new(url: &str, timeout: Duration, cache_ttl: Duration) -> AuthzenPdp {
+    /// `credential`, when given, is the `Authorization` header the PDP gets.
+    pub fn new(url: &str, timeout: Duration, cache_ttl: Duration, credential: Option<http::HeaderValue>) -> AuthzenPdp {
         let base = url.trim_end_matches('/');
         AuthzenPdp {
-            remote: RemotePdp::new("authzen", format!("{base}/access/v1/evaluation"), timeout, cache_ttl),
+            remote: RemotePdp::new(
+                "authzen",
+                format!("{base}/access/v1/evaluation"),
+                timeout,
+                cache_ttl,
+                credential,
+            ),
             batch_endpoint: format!("{base}/access/v1/evaluations"),
         }
     }

@@ -21,10 +21,17 @@ pub struct OpaPdp {
 impl OpaPdp {
     /// A client for the decision at `path` (e.g. `warden/allow`) on the OPA
     /// server at `url`.
-    pub fn new(url: &str, path: &str, timeout: Duration, cache_ttl: Duration) -> OpaPdp {
+    /// `credential`, when given, is the `Authorization` header OPA gets.
+    pub fn new(
+        url: &str,
+        path: &str,
+        timeout: Duration,
+        cache_ttl: Duration,
+        credential: Option<http::HeaderValue>,
+    ) -> OpaPdp {
         let endpoint = format!("{}/v1/data/{}", url.trim_end_matches('/'), path.trim_matches('/'));
         OpaPdp {
-            remote: RemotePdp::new("opa", endpoint, timeout, cache_ttl),
+            remote: RemotePdp::new("opa", endpoint, timeout, cache_ttl, credential),
         }
     }
 

@@ -22,6 +22,8 @@ pub struct RemotePdp {
     engine: &'static str,
     endpoint: String,
     client: reqwest::Client,
+    /// Warden's own `Authorization` for the PDP (sensitive: never logged).
+    authorization: Option<http::HeaderValue>,
     cache: DecisionCache,
 }
 
@@ -36,7 +38,14 @@ impl std::fmt::Debug for RemotePdp {
 
 impl RemotePdp {
     /// A PDP answering `POST endpoint` within `timeout`; decisions reused for `cache_ttl`.
-    pub fn new(engine: &'static str, endpoint: String, timeout: Duration, cache_ttl: Duration) -> RemotePdp {
+    /// `authorization`, when given, goes with every call.
+    pub fn new(
+        engine: &'static str,
+        endpoint: String,
+        timeout: Duration,
+        cache_ttl: Duration,
+        authorization: Option<http::HeaderValue>,
+    ) -> RemotePdp {
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .build()
@@ -45,6 +54,7 @@ impl RemotePdp {
             engine,
             endpoint,
             client,
+            authorization,
             cache: DecisionCache::new(cache_ttl),
         }
     }
@@ -133,13 +143,11 @@ impl RemotePdp {
 
     /// POSTs `body` to `endpoint`: the JSON answer of a 2xx, or why there is none.
     async fn post(&self, endpoint: &str, body: &serde_json::Value) -> Result<serde_json::Value, String> {
-        let response = self
-            .client
-            .post(endpoint)
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| failure(&e))?;
+        let mut request = self.client.post(endpoint).json(body);
+        if let Some(authorization) = &self.authorization {
+            request = request.header(http::header::AUTHORIZATION, authorization.clone());
+        }
+        let response = request.send().await.map_err(|e| failure(&e))?;
         if !response.status().is_success() {
             return Err(format!("status {}", response.status().as_u16()));
         }

@@ -643,7 +643,10 @@ impl Config {
             }
             let timeout = errs.duration("policy.opa.timeout", o.timeout.as_deref(), Duration::from_millis(500));
             let ttl = errs.duration("policy.opa.cache_ttl", o.cache_ttl.as_deref(), Duration::from_secs(10));
-            Arc::new(crate::authz::opa::OpaPdp::new(&o.url, &o.path, timeout, ttl))
+            let credential = pdp_credential(o.credential.as_ref(), "policy.opa.credential", base, &mut errs);
+            Arc::new(crate::authz::opa::OpaPdp::new(
+                &o.url, &o.path, timeout, ttl, credential,
+            ))
         });
         let authzen = raw.policy.as_ref().and_then(|p| p.authzen.as_ref()).map(|a| {
             if !fetchable(&a.url) {
@@ -659,7 +662,8 @@ impl Config {
                 a.cache_ttl.as_deref(),
                 Duration::from_secs(10),
             );
-            Arc::new(crate::authz::authzen::AuthzenPdp::new(&a.url, timeout, ttl))
+            let credential = pdp_credential(a.credential.as_ref(), "policy.authzen.credential", base, &mut errs);
+            Arc::new(crate::authz::authzen::AuthzenPdp::new(&a.url, timeout, ttl, credential))
         });
         if let Some(p) = &raw.policy {
             let engines =
@@ -1034,6 +1038,22 @@ fn check_upstream(raw: &raw::RawUpstream, path: &str, base: &Path, errs: &mut Er
         idle_timeout,
         max_response_bytes,
     })
+}
+
+/// The `Authorization` value Warden presents to an external PDP, marked
+/// sensitive so that it is never logged or indexed.
+fn pdp_credential(raw: Option<&RawSecret>, path: &str, base: &Path, errs: &mut Errors) -> Option<http::HeaderValue> {
+    let token = read_secret(raw?, path, base, errs)?;
+    match http::HeaderValue::from_str(&format!("Bearer {token}")) {
+        Ok(mut value) => {
+            value.set_sensitive(true);
+            Some(value)
+        }
+        Err(_) => {
+            errs.push(path, "must be a token that fits in an HTTP header");
+            None
+        }
+    }
 }
 
 fn read_secret(raw: &RawSecret, path: &str, base: &Path, errs: &mut Errors) -> Option<String> {

@@ -113,6 +113,10 @@ pub struct RawAuthzen {
     /// How long a decision is reused for the same request. Default `10s`.
     #[serde(default)]
     pub cache_ttl: Option<String>,
+    /// Warden's own credential for the PDP, sent as `Authorization: Bearer
+    /// …`; by reference (`{env: NAME}` or `{file: PATH}`), never inline.
+    #[serde(default)]
+    pub credential: Option<RawSecret>,
 }
 
 /// An external OPA server.
@@ -129,6 +133,10 @@ pub struct RawOpa {
     /// How long a decision is reused for the same request. Default `10s`.
     #[serde(default)]
     pub cache_ttl: Option<String>,
+    /// Warden's own credential for the PDP, sent as `Authorization: Bearer
+    /// …`; by reference (`{env: NAME}` or `{file: PATH}`), never inline.
+    #[serde(default)]
+    pub credential: Option<RawSecret>,
 }
 
 /// Cedar policy files.

@@ -215,3 +215,26 @@ fn a_model_value_tier_defaults_to_standard_and_is_checked() {
     assert_eq!(paths(&typo), ["models[0].value_tier"]);
     assert!(errors.to_string().contains("hihg"), "{errors}");
 }
+
+#[test]
+fn a_pdp_credential_is_read_by_reference_and_its_absence_reported_with_its_path() {
+    let opa = |credential: &str| {
+        MINIMAL.replace(
+            "api_keys:",
+            &format!("policy:\n  opa:\n    url: http://127.0.0.1:8181\n    path: warden/allow\n{credential}api_keys:"),
+        )
+    };
+    assert_eq!(
+        paths(&opa("    credential: { file: no-such-token }\n")),
+        ["policy.opa.credential.file"]
+    );
+    assert_eq!(
+        paths(&opa("    credential: { value: inline-secret }\n")).len(),
+        1,
+        "an inline secret is refused"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), "t0ken\n").unwrap();
+    let config = Config::parse(&opa("    credential: { file: token }\n"), dir.path()).unwrap();
+    assert!(config.opa.is_some());
+}

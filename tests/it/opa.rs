@@ -105,3 +105,49 @@ async fn a_failing_opa_means_deny_with_the_reason_recorded() {
         assert_eq!(decision["error"], reason, "{path}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warden_presents_its_own_credential_to_the_pdp() {
+    const TOKEN: &str = "pdp-s3cret-9f2c";
+    // A PDP that answers only callers presenting the token.
+    let server = spawn_upstream(|req: hyper::Request<hyper::body::Incoming>| async move {
+        let presented = req.headers().get(http::header::AUTHORIZATION).cloned();
+        if presented.as_ref().and_then(|v| v.to_str().ok()) != Some(&format!("Bearer {TOKEN}")) {
+            return hyper::Response::builder().status(401).body(full("")).unwrap();
+        }
+        hyper::Response::builder()
+            .header("content-type", "application/json")
+            .body(full(json!({"result": true}).to_string()))
+            .unwrap()
+    })
+    .await;
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = secrets.path().join("opa-token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let (chat, fraud) = demo_upstreams().await;
+    let with = |credential: &str| {
+        config(chat, fraud, "").replace(
+            "api_keys:",
+            &format!("policy:\n  opa:\n    url: http://{server}\n    path: warden/allow\n{credential}api_keys:"),
+        )
+    };
+
+    let gw = TestGateway::start(&with(&format!(
+        "    credential: {{ file: {} }}\n",
+        token_file.display()
+    )))
+    .await;
+    let resp = post(&gw, "/v1/chat/completions", Some(ACME), &chat_body("demo-chat", false)).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let records = gw.audit(1).await;
+    assert_eq!(records[0]["decisions"][0]["allowed"], true);
+    let log = std::fs::read_to_string(&gw.audit_path).unwrap();
+    assert!(!log.contains(TOKEN), "the PDP credential reached the audit log");
+
+    // Without it, the PDP refuses to answer: a deny that says why.
+    let gw = TestGateway::start(&with("")).await;
+    let resp = post(&gw, "/v1/chat/completions", Some(ACME), &chat_body("demo-chat", false)).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let records = gw.audit(1).await;
+    assert_eq!(records[0]["decisions"][0]["error"], "status 401");
+}
