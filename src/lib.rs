@@ -11,6 +11,8 @@
 //! - [`route`]: which model endpoint, upstream and protocol.
 //! - [`authz`]: may this principal call this model.
 //! - [`request`]: reading and checking the request body.
+//! - [`limits`]: rate limits, budgets and their stores (being built; not yet
+//!   on the request path).
 //! - [`upstream`]: the pooled upstream client, forwarding and streaming.
 //! - [`audit`]: one record per request, written to a file.
 //! - [`reject`]: every reason a request can fail, turned into a response in
@@ -33,6 +35,7 @@ pub mod exchange;
 pub mod ext_authz;
 pub mod forwarded;
 pub mod gateway;
+pub mod limits;
 pub mod pipeline;
 pub mod reject;
 pub mod request;
