@@ -11,6 +11,7 @@ mod introspection;
 mod jwt;
 mod keys;
 mod lifecycle;
+mod limits;
 mod listener;
 mod mtls;
 mod opa;
