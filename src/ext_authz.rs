@@ -55,7 +55,7 @@ use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tonic::codegen::Service;
 
-use crate::authn::{AuthMethod, Identity};
+use crate::authn::Identity;
 use crate::config::Protocol;
 use crate::gateway::{Gateway, Runtime};
 use crate::reject::Reject;
@@ -331,31 +331,9 @@ async fn authenticate(rt: &Runtime, headers: &HeaderMap, source_principal: Optio
         (true, Some(principal), Some(mtls)) => mtls.clients.get(principal).cloned(),
         _ => None,
     };
-    if !crate::authn::has_credential(headers) {
-        return match client {
-            Some(client) => Ok(Identity {
-                method: AuthMethod::Mtls,
-                key: Some(Arc::clone(&client)),
-                client_cert: Some(client),
-            }),
-            None => Err(Reject::MissingCredential),
-        };
-    }
-    let mut identity = crate::authn::authenticate(
-        headers,
-        crate::authn::Authenticators {
-            keys: &rt.keys,
-            managed: rt.managed_keys.as_deref(),
-            jwt: rt.jwt.as_ref(),
-            introspection: rt.introspection.as_ref(),
-            aws: rt.aws.as_ref(),
-        },
-    )
-    .await?;
     // As on the gateway: a known certificate beside a credential counts for
     // models that `require_mtls`.
-    identity.client_cert = client;
-    Ok(identity)
+    crate::authn::authenticate_with_certificate(headers, rt.authenticators(), client).await
 }
 
 /// The model the check is about and, when the path named it, the protocol

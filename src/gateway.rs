@@ -85,6 +85,17 @@ pub enum BuildError {
 }
 
 impl Runtime {
+    /// Everything this configuration accepts as proof of a caller.
+    pub fn authenticators(&self) -> crate::authn::Authenticators<'_> {
+        crate::authn::Authenticators {
+            keys: &self.keys,
+            managed: self.managed_keys.as_deref(),
+            jwt: self.jwt.as_ref(),
+            introspection: self.introspection.as_ref(),
+            aws: self.aws.as_ref(),
+        }
+    }
+
     /// The policy engine in force, if any.
     pub fn pdp(&self) -> Option<crate::authz::Pdp<'_>> {
         if let Some(cedar) = &self.config.policy {

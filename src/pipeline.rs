@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, header};
 use hyper::body::Incoming;
 
-use crate::authn::{AuthMethod, Identity};
+use crate::authn::Identity;
 use crate::authz;
 use crate::config::{ModelEndpoint, Protocol};
 use crate::exchange::{Exchange, Finisher, ResponseBody, Source, SseSource};
@@ -227,33 +227,13 @@ async fn authenticate(rt: &Runtime, route: &Route, headers: &http::HeaderMap, pe
             .cloned(),
         _ => None,
     };
-    if !crate::authn::has_credential(headers) {
-        let probe = matches!(route.operation, Operation::Live | Operation::Ready);
-        return match client {
-            Some(client) => Ok(Identity {
-                method: AuthMethod::Mtls,
-                key: Some(Arc::clone(&client)),
-                client_cert: Some(client),
-            }),
-            None if probe && rt.config.listen.anonymous_health => Ok(Identity::anonymous()),
-            None => Err(Reject::MissingCredential),
-        };
+    // Health probes may be anonymous, when configured, for a caller that
+    // presents nothing at all.
+    let probe = matches!(route.operation, Operation::Live | Operation::Ready);
+    if probe && client.is_none() && rt.config.listen.anonymous_health && !crate::authn::has_credential(headers) {
+        return Ok(Identity::anonymous());
     }
-    // A token or key was sent: it must pass, and the certificate (if any)
-    // is kept alongside for routes that require both.
-    let mut identity = crate::authn::authenticate(
-        headers,
-        crate::authn::Authenticators {
-            keys: &rt.keys,
-            managed: rt.managed_keys.as_deref(),
-            jwt: rt.jwt.as_ref(),
-            introspection: rt.introspection.as_ref(),
-            aws: rt.aws.as_ref(),
-        },
-    )
-    .await?;
-    identity.client_cert = client;
-    Ok(identity)
+    crate::authn::authenticate_with_certificate(headers, rt.authenticators(), client).await
 }
 
 fn find_model(rt: &Runtime, name: &str, protocol: Protocol) -> Result<Arc<ModelEndpoint>, Reject> {

@@ -238,6 +238,31 @@ pub async fn authenticate(headers: &HeaderMap, with: Authenticators<'_>) -> Resu
     }
 }
 
+/// Authenticates a caller who may also have shown a known client
+/// certificate (`client`: the mTLS client it maps to). Without any
+/// credential header the certificate alone identifies the caller, or
+/// nothing does (401). With one, the credential must pass, and the
+/// certificate is kept beside it for models that `require_mtls`.
+pub async fn authenticate_with_certificate(
+    headers: &HeaderMap,
+    with: Authenticators<'_>,
+    client: Option<Arc<ApiKey>>,
+) -> Result<Identity, Reject> {
+    if !has_credential(headers) {
+        return match client {
+            Some(client) => Ok(Identity {
+                method: AuthMethod::Mtls,
+                key: Some(Arc::clone(&client)),
+                client_cert: Some(client),
+            }),
+            None => Err(Reject::MissingCredential),
+        };
+    }
+    let mut identity = authenticate(headers, with).await?;
+    identity.client_cert = client;
+    Ok(identity)
+}
+
 /// The key id of a generated key the request presents, if it presents one.
 pub fn presented_key_id(headers: &HeaderMap) -> Option<&str> {
     presented_key(headers).ok().and_then(key_format::kid_of)

@@ -265,3 +265,19 @@ pub async fn fresh_postgres() -> Option<String> {
         .unwrap();
     Some(format!("{base}?options=-c%20search_path%3D{schema}"))
 }
+
+/// Writes the demo policies and their schema into `dir`; their paths.
+pub fn demo_policy_files(dir: &std::path::Path) -> (String, String) {
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    (
+        write("demo.cedar", include_str!("../../examples/policies/demo.cedar")),
+        write(
+            "warden.cedarschema",
+            include_str!("../../examples/policies/warden.cedarschema"),
+        ),
+    )
+}

@@ -15,16 +15,12 @@ const TOKEN: &str = "access-token-0123456789abcdef0123456789abcdef";
 async fn gateway(with_token: bool) -> (TestGateway, tempfile::TempDir) {
     let (chat, fraud) = demo_upstreams().await;
     let dir = tempfile::tempdir().unwrap();
+    let (policies, schema) = demo_policy_files(dir.path());
     let write = |name: &str, text: &str| {
         let path = dir.path().join(name);
         std::fs::write(&path, text).unwrap();
         path.display().to_string()
     };
-    let policies = write("demo.cedar", include_str!("../../examples/policies/demo.cedar"));
-    let schema = write(
-        "warden.cedarschema",
-        include_str!("../../examples/policies/warden.cedarschema"),
-    );
     let token = write("admin.token", TOKEN);
     let admin = if with_token {
         format!("admin:\n  address: 127.0.0.1:0\n  token: {{ file: {token} }}")

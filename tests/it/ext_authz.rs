@@ -24,16 +24,7 @@ const SPIFFE: &str = "spiffe://acme.example/ns/prod/sa/batch";
 async fn gateway(tls: &str, extra: &str, sections: &str) -> (TestGateway, tempfile::TempDir) {
     let (chat, fraud) = demo_upstreams().await;
     let dir = tempfile::tempdir().unwrap();
-    let write = |name: &str, text: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, text).unwrap();
-        path.display().to_string()
-    };
-    let policies = write("demo.cedar", include_str!("../../examples/policies/demo.cedar"));
-    let schema = write(
-        "warden.cedarschema",
-        include_str!("../../examples/policies/warden.cedarschema"),
-    );
+    let (policies, schema) = demo_policy_files(dir.path());
     let yaml = config(chat, fraud, tls).replace(
         "api_keys:",
         &format!(
