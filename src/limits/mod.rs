@@ -11,7 +11,9 @@
 //! - [`cost`]: what a request is estimated to cost, and what it did cost.
 
 pub mod cost;
+pub mod fair;
 pub mod gcra;
 pub mod memory;
 pub mod redis;
+pub mod store;
 pub mod tokens;
