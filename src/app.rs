@@ -246,6 +246,9 @@ pub async fn start_demo(addresses: &DemoAddresses, audit_dir: &Path) -> anyhow::
         let path = audit_dir.join("policies").join(name);
         std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
     }
+    // The admin API's token: published, like the demo keys.
+    let token_file = audit_dir.join("demo-admin.token");
+    std::fs::write(&token_file, DEMO_ADMIN_TOKEN).with_context(|| format!("cannot write {}", token_file.display()))?;
     let written = audit_dir.join("warden-demo.yaml");
     std::fs::write(&written, &yaml).with_context(|| format!("cannot write {}", written.display()))?;
     let config = Config::parse(&yaml, audit_dir).map_err(|e| anyhow::anyhow!("embedded demo config: {e}"))?;
@@ -257,6 +260,9 @@ pub async fn start_demo(addresses: &DemoAddresses, audit_dir: &Path) -> anyhow::
     };
     Ok((running, bound))
 }
+
+/// The demo's admin API token. DEMO ONLY: published here, loopback only.
+pub const DEMO_ADMIN_TOKEN: &str = "wdn_demo_admin_Vq8Lr2Nx5Tz7Pk3Hs6Jd";
 
 /// What `warden demo` prints: keys and ready-to-paste commands.
 pub fn demo_banner(addresses: &DemoAddresses, audit_file: &Path) -> String {
@@ -307,6 +313,16 @@ curl -s -i http://{gw}/v2/models/fraud-scorer/infer -H 'Authorization: Bearer {a
 # 9. Why was that refused? Ask the policies
 {warden} policy --config {config} explain {cases}
 
+# 10. Rate limits: globex is on the free tier (5 at once, then 5 a minute).
+#     Every answer carries x-ratelimit-* headers; the sixth quick one is a 429.
+for i in 1 2 3 4 5 6; do curl -s -o /dev/null -D - http://{gw}/v1/chat/completions -H 'Authorization: Bearer {globex}' -H 'Content-Type: application/json' -d '{{"model":"demo-chat","messages":[{{"role":"user","content":"hi"}}]}}' | grep -iE '^(HTTP|x-ratelimit-remaining-requests|retry-after)'; done
+
+# 11. A request that could cost more than acme's $1 daily budget: 429 insufficient_quota
+curl -s -i http://{gw}/v1/chat/completions -H 'Authorization: Bearer {acme}' -H 'Content-Type: application/json' -d '{{"model":"demo-chat","max_tokens":150000,"messages":[{{"role":"user","content":"Write me a novel"}}]}}'
+
+# 12. What each tenant used today, from the usage ledger
+curl -s http://{admin}/admin/v1/usage -H 'Authorization: Bearer {admin_token}'
+
 Press Ctrl-C to stop.
 "#,
         admin = addresses.admin,
@@ -315,5 +331,6 @@ Press Ctrl-C to stop.
         audit = audit_file.display(),
         config = config.display(),
         cases = audit_file.with_file_name("policies").join("demo-cases.yaml").display(),
+        admin_token = DEMO_ADMIN_TOKEN,
     )
 }

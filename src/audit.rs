@@ -89,6 +89,9 @@ pub struct AuditRecord<'a> {
     /// Every policy decision: level, result, engine, policy version and
     /// the determining policies.
     pub decisions: &'a [crate::authz::Decision],
+    /// Every limit rule's verdict: rule, unit, kind, allowed, cost,
+    /// remaining, and `fallback: local` when Redis was unreachable.
+    pub limits: &'a [crate::limits::admit::RuleOutcome],
     /// Token usage reported by the upstream, when present.
     pub usage: Option<Usage>,
 }
@@ -153,6 +156,7 @@ impl AuditRecord<'_> {
         value(out, ",\"response_bytes\":", &self.response_bytes)?;
         value(out, ",\"data_tenants\":", self.data_tenants)?;
         value(out, ",\"decisions\":", self.decisions)?;
+        value(out, ",\"limits\":", self.limits)?;
         value(out, ",\"usage\":", &self.usage)?;
         out.push(b'}');
         Ok(())
@@ -192,6 +196,35 @@ pub struct Usage {
     /// Both.
     #[serde(default)]
     pub total_tokens: u64,
+    /// Input tokens served from the upstream's prompt cache
+    /// (`prompt_tokens_details.cached_tokens`), when reported.
+    #[serde(
+        default,
+        rename = "prompt_tokens_details",
+        deserialize_with = "cached_tokens",
+        serialize_with = "serialize_cached_tokens",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cached_tokens: Option<u64>,
+}
+
+/// Reads `prompt_tokens_details.cached_tokens`.
+fn cached_tokens<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(serde::Deserialize)]
+    struct Details {
+        #[serde(default)]
+        cached_tokens: Option<u64>,
+    }
+    Ok(<Option<Details> as serde::Deserialize>::deserialize(d)?.and_then(|d| d.cached_tokens))
+}
+
+/// Writes `prompt_tokens_details: {cached_tokens}`.
+fn serialize_cached_tokens<S: serde::Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct Details {
+        cached_tokens: Option<u64>,
+    }
+    Details { cached_tokens: *v }.serialize(s)
 }
 
 impl Usage {
@@ -359,10 +392,12 @@ mod tests {
             response_bytes: u64::MAX,
             data_tenants: tenants,
             decisions,
+            limits: &[],
             usage: full.then_some(Usage {
                 prompt_tokens: 9,
                 completion_tokens: 13,
                 total_tokens: 22,
+                cached_tokens: Some(4),
             }),
         }
     }

@@ -19,8 +19,9 @@ use crate::admin::metrics::Metrics;
 use crate::audit::{AuditLog, AuditRecord, RECORD_VERSION, Sha256Digest, Usage};
 use crate::authn::Identity;
 use crate::config::Protocol;
+use crate::limits::admit::{Admission, Observed, RuleOutcome};
 use crate::reject::Reject;
-use crate::upstream::sse::{UsageScanner, error_event};
+use crate::upstream::sse::{StreamMeter, UsageScanner, error_event};
 
 /// Everything the stages learn about one request.
 #[derive(Debug)]
@@ -65,6 +66,15 @@ pub struct Exchange {
     pub tenants: Vec<String>,
     /// Every policy decision taken.
     pub decisions: Vec<crate::authz::Decision>,
+    /// The request's limit reservation, settled when the exchange finishes.
+    pub admission: Option<Admission>,
+    /// Every limit rule's verdict on a refused request (an admitted one's
+    /// are in its admission).
+    pub refused_limits: Vec<RuleOutcome>,
+    /// A slot of the model's capacity, held until the exchange finishes.
+    pub slot: Option<crate::limits::fair::Slot>,
+    /// When the request was sent upstream.
+    pub forwarded_at: Option<Instant>,
 }
 
 /// Largest client-supplied `x-request-id` kept; longer ones are replaced.
@@ -106,6 +116,18 @@ impl Exchange {
             reject: None,
             decisions: Vec::new(),
             tenants: Vec::new(),
+            admission: None,
+            refused_limits: Vec::new(),
+            slot: None,
+            forwarded_at: None,
+        }
+    }
+
+    /// Every limit rule's verdict, admitted or refused.
+    pub fn limit_outcomes(&self) -> &[RuleOutcome] {
+        match &self.admission {
+            Some(a) => &a.outcomes,
+            None => &self.refused_limits,
         }
     }
 
@@ -134,6 +156,9 @@ pub enum Outcome {
     UpstreamError,
     /// The upstream went silent mid-body; the client got an error event.
     UpstreamIdleTimeout,
+    /// The stream outgrew the output tokens reserved for it and was cut
+    /// off with an error event.
+    OutputLimitExceeded,
 }
 
 impl Outcome {
@@ -143,6 +168,7 @@ impl Outcome {
             Outcome::ClientDisconnected => "client_disconnected",
             Outcome::UpstreamError => "upstream_error",
             Outcome::UpstreamIdleTimeout => "upstream_idle_timeout",
+            Outcome::OutputLimitExceeded => "output_limit_exceeded",
         }
     }
 }
@@ -167,8 +193,20 @@ impl Finisher {
         }
     }
 
-    fn finish(self, outcome: Outcome, response_sha256: Sha256Digest, response_bytes: u64, usage: Option<Usage>) {
+    fn finish(
+        mut self,
+        outcome: Outcome,
+        response_sha256: Sha256Digest,
+        response_bytes: u64,
+        usage: Option<Usage>,
+        counted_output_tokens: Option<u64>,
+    ) {
+        let admission = self.exchange.admission.take();
+        // Admitted or refused on this instance's share, Redis being away.
+        let decided_locally = admission.as_ref().is_some_and(Admission::decided_locally)
+            || self.exchange.refused_limits.iter().any(|o| o.fallback.is_some());
         let ex = &self.exchange;
+        let limits = admission.as_ref().map_or(&ex.refused_limits[..], |a| &a.outcomes[..]);
         let latency = ex.started.elapsed();
         let identity = ex.identity.as_ref();
         let reject = ex.reject.as_ref();
@@ -206,8 +244,43 @@ impl Finisher {
             response_bytes,
             data_tenants: &ex.tenants,
             decisions: &ex.decisions,
+            limits,
             usage,
         });
+        // Settled after the record is written (it holds the verdicts), and
+        // on every path: completed, failed upstream, or client gone.
+        if let Some(admission) = admission {
+            let answered = ex.upstream_status.is_some_and(|s| (200..300).contains(&s));
+            // A stream cut at its reservation is charged what the client
+            // was let have: the event that crossed the limit never reached
+            // it, so concurrent streams never jointly overrun a budget.
+            let counted_output_tokens = match outcome {
+                Outcome::OutputLimitExceeded => counted_output_tokens.map(|n| n.min(admission.reserved.output_tokens)),
+                _ => counted_output_tokens,
+            };
+            admission.settle(&Observed {
+                upstream_answered: answered,
+                prompt_tokens: usage.map(|u| u.prompt_tokens),
+                cached_tokens: usage.and_then(|u| u.cached_tokens),
+                completion_tokens: usage.map(|u| u.completion_tokens),
+                counted_output_tokens,
+                compute: ex.forwarded_at.map(|t| t.elapsed()),
+            });
+        }
+        match reject {
+            Some(r @ (Reject::RateLimited(o) | Reject::QuotaExceeded(o))) => {
+                self.metrics.limit_refusal(&o.rule, r.code())
+            }
+            Some(r @ Reject::LimitsUnavailable(rule)) => {
+                self.metrics.limit_refusal(rule, r.code());
+                self.metrics.limit_fallback("deny");
+            }
+            Some(r @ Reject::AtCapacity { model, .. }) => self.metrics.limit_refusal(model, r.code()),
+            _ => {}
+        }
+        if decided_locally {
+            self.metrics.limit_fallback("local");
+        }
         for decision in ex.decisions.iter().filter(|d| d.shadow_disagrees()) {
             self.metrics.shadow_disagreement(decision.level);
         }
@@ -243,7 +316,14 @@ pub struct SseSource {
     idle: Pin<Box<tokio::time::Sleep>>,
     idle_timeout: Duration,
     usage: UsageScanner,
+    /// Counts output tokens and cuts the stream at its reservation, when
+    /// limits count them; otherwise `usage` only looks for the report.
+    meter: Option<Box<StreamMeter>>,
     protocol: Protocol,
+    /// The output tokens the meter cuts at, for the error event.
+    output_limit: u64,
+    /// The error event still to send after the last bytes that fit.
+    tail: Option<Bytes>,
 }
 
 impl SseSource {
@@ -254,14 +334,30 @@ impl SseSource {
         idle_timeout: Duration,
         connection: crate::upstream::Lease,
         protocol: Protocol,
+        meter: Option<(StreamMeter, u64)>,
     ) -> SseSource {
+        let (meter, output_limit) = match meter {
+            Some((meter, limit)) => (Some(Box::new(meter)), limit),
+            None => (None, 0),
+        };
         SseSource {
             body,
             _connection: connection,
             idle: Box::pin(tokio::time::sleep(idle_timeout)),
             idle_timeout,
             usage: UsageScanner::default(),
+            meter,
             protocol,
+            output_limit,
+            tail: None,
+        }
+    }
+
+    /// The usage the upstream reported.
+    fn reported_usage(&self) -> Option<Usage> {
+        match &self.meter {
+            Some(meter) => meter.usage(),
+            None => self.usage.usage(),
         }
     }
 }
@@ -304,11 +400,13 @@ impl ResponseBody {
         if !complete && self.outcome == Outcome::Completed {
             self.outcome = Outcome::ClientDisconnected;
         }
+        let mut counted = None;
         if let Source::Sse(sse) = &mut self.source {
-            self.usage = sse.usage.usage().or(self.usage);
+            self.usage = sse.reported_usage().or(self.usage);
+            counted = sse.meter.as_ref().map(|m| m.counted_output_tokens());
         }
         let digest = Sha256Digest(std::mem::take(&mut self.hasher).finalize().into());
-        finisher.finish(self.outcome, digest, self.sent, self.usage);
+        finisher.finish(self.outcome, digest, self.sent, self.usage, counted);
     }
 }
 
@@ -360,25 +458,59 @@ impl Body for ResponseBody {
 /// The next chunk of a relayed stream: data as it arrives, or a final error
 /// event when the upstream fails or goes silent, then the end.
 fn poll_sse(sse: &mut SseSource, outcome: &mut Outcome, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+    if let Some(tail) = sse.tail.take() {
+        return Poll::Ready(Some(tail));
+    }
     loop {
         match Pin::new(&mut sse.body).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 sse.idle.as_mut().reset(tokio::time::Instant::now() + sse.idle_timeout);
-                match frame.into_data() {
-                    Ok(data) => {
-                        sse.usage.scan(&data);
-                        return Poll::Ready(Some(data));
-                    }
+                let Ok(data) = frame.into_data() else {
                     // Trailers are not part of an SSE stream; skip them.
-                    Err(_) => continue,
+                    continue;
+                };
+                let Some(meter) = &mut sse.meter else {
+                    sse.usage.scan(&data);
+                    return Poll::Ready(Some(data));
+                };
+                let metered = meter.feed(data);
+                if metered.exceeded {
+                    *outcome = Outcome::OutputLimitExceeded;
+                    let cut = error_event(sse.protocol, &Reject::OutputLimitExceeded(sse.output_limit));
+                    // What fit is sent first, then the error event.
+                    if metered.pass.is_empty() {
+                        return Poll::Ready(Some(cut));
+                    }
+                    sse.tail = Some(cut);
+                    return Poll::Ready(Some(metered.pass));
                 }
+                if metered.pass.is_empty() {
+                    // All held back, mid-event: read on.
+                    continue;
+                }
+                return Poll::Ready(Some(metered.pass));
             }
             Poll::Ready(Some(Err(e))) => {
                 tracing::warn!(error = %e, "upstream stream failed");
                 *outcome = Outcome::UpstreamError;
                 return Poll::Ready(Some(error_event(sse.protocol, &Reject::UpstreamUnreachable)));
             }
-            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Ready(None) => {
+                // An event left unfinished at the end is released, or cut;
+                // a second call finds nothing left, so the stream then ends.
+                let Some(meter) = &mut sse.meter else {
+                    return Poll::Ready(None);
+                };
+                let rest = meter.finish();
+                if rest.exceeded {
+                    *outcome = Outcome::OutputLimitExceeded;
+                    return Poll::Ready(Some(error_event(
+                        sse.protocol,
+                        &Reject::OutputLimitExceeded(sse.output_limit),
+                    )));
+                }
+                return Poll::Ready((!rest.pass.is_empty()).then_some(rest.pass));
+            }
             Poll::Pending => {
                 ready!(sse.idle.as_mut().poll(cx));
                 *outcome = Outcome::UpstreamIdleTimeout;

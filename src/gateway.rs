@@ -28,6 +28,8 @@ use crate::authn::key_store::{KeyStore, KeyStoreError};
 use crate::authn::lockout::FailureLimiter;
 use crate::authn::{KeyIndex, ManagedKeys};
 use crate::config::{Config, ConfigErrors};
+use crate::limits::admit::Limiter;
+use crate::limits::fair::{FairQueue, QueueSettings};
 use crate::upstream::UpstreamClient;
 
 /// State built from one configuration.
@@ -53,6 +55,13 @@ pub struct Runtime {
     pub lockout: Arc<FailureLimiter>,
     /// The active Cedar policy set's version, when Cedar is the engine.
     pub active_policy: Option<ActivePolicy>,
+    /// Limit state, when `limits:` is configured; survives reloads that
+    /// keep its store.
+    pub limiter: Option<Arc<Limiter>>,
+    /// Each model endpoint's capacity and fair queue, by model name;
+    /// survives reloads that keep its settings, so slots in use stay
+    /// counted.
+    pub queues: HashMap<String, Arc<FairQueue>>,
 }
 
 /// The active Cedar policy set, as the admin API reports it.
@@ -82,6 +91,12 @@ pub enum BuildError {
     /// The key store could not be opened or read.
     #[error(transparent)]
     KeyStore(#[from] KeyStoreError),
+    /// The limit store could not be reached.
+    #[error("limits store: {0}")]
+    Limits(#[from] crate::limits::redis::RedisStoreError),
+    /// A model's tokenizer could not be built.
+    #[error("tokenizer: {0}")]
+    Tokenizer(#[from] crate::limits::tokens::TokenError),
 }
 
 impl Runtime {
@@ -168,7 +183,42 @@ impl Runtime {
         };
         let introspection = config.introspection.clone().map(Introspector::new);
         let aws = config.aws.clone().map(AwsVerifier::new);
+        let limiter = match &config.limits {
+            None => None,
+            Some(limits) => {
+                let settings = limits.redis.as_ref();
+                match previous.and_then(|p| p.limiter.as_ref()) {
+                    Some(l) if l.serves(settings) => Some(Arc::clone(l)),
+                    _ => Some(Arc::new(Limiter::new(settings).await?)),
+                }
+            }
+        };
+        if config.limits.as_ref().is_some_and(|l| l.counts_tokens()) {
+            // Building an encoding takes a while: not on the first request.
+            for model in config.models.values() {
+                model.limits.tokenizer.preload()?;
+            }
+        }
+        let mut queues = HashMap::new();
+        for model in config.models.values() {
+            let Some(capacity) = &model.limits.capacity else {
+                continue;
+            };
+            let settings = QueueSettings {
+                capacity: capacity.concurrency,
+                max_queue: capacity.queue,
+                timeout: capacity.queue_timeout,
+                max_queue_per_flow: None,
+            };
+            let queue = match previous.and_then(|p| p.queues.get(&model.name)) {
+                Some(q) if *q.settings() == settings => Arc::clone(q),
+                _ => Arc::new(FairQueue::new(settings)),
+            };
+            queues.insert(model.name.clone(), queue);
+        }
         Ok(Runtime {
+            limiter,
+            queues,
             active_policy,
             aws,
             introspection,

@@ -83,6 +83,30 @@ enum Command {
         #[command(subcommand)]
         action: PolicyAction,
     },
+    /// Print the usage ledger: requests, tokens, compute seconds and
+    /// dollars per day, principal, tenant and model (JSON). With a Redis
+    /// limit store it is read from Redis; with the in-memory store, from the
+    /// running gateway's admin API (token in `WARDEN_ADMIN_TOKEN`).
+    Usage {
+        /// Path of the YAML configuration (its `limits` are used).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// First day, `YYYY-MM-DD` (UTC); default: `--to`.
+        #[arg(long)]
+        from: Option<String>,
+        /// Last day, `YYYY-MM-DD` (UTC); default: today.
+        #[arg(long)]
+        to: Option<String>,
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only this principal.
+        #[arg(long)]
+        principal: Option<String>,
+        /// Only this model.
+        #[arg(long)]
+        model: Option<String>,
+    },
     /// Check a configuration file and report every error in it.
     Check {
         /// Path of the YAML configuration.
@@ -170,6 +194,26 @@ fn main() -> ExitCode {
         Command::Check { config } => check(&config),
         Command::Keys { config, action } => run(keys(config, action)),
         Command::Policy { config, action } => policy(&config, action),
+        Command::Usage {
+            config,
+            from,
+            to,
+            tenant,
+            principal,
+            model,
+        } => {
+            let query: Vec<(&str, String)> = [
+                ("from", from),
+                ("to", to),
+                ("tenant", tenant),
+                ("principal", principal),
+                ("model", model),
+            ]
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect();
+            run(usage(config, query))
+        }
         Command::Serve { config } => run(serve(config)),
         Command::Demo {
             listen,
@@ -348,6 +392,57 @@ async fn demo(addresses: app::DemoAddresses, audit_dir: Option<PathBuf>) -> anyh
     let audit_file = running.gateway.runtime().config.audit_file.clone();
     say!("{}", app::demo_banner(&bound, &audit_file));
     running.run_until_signal().await
+}
+
+async fn usage(path: PathBuf, query: Vec<(&str, String)>) -> anyhow::Result<()> {
+    use warden::admin::usage::{Query, report};
+    let config = Config::load(&path).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
+    let limits = config
+        .limits
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("{} has no `limits` section, so no usage is kept", path.display()))?;
+    let encoded: String = query
+        .iter()
+        .map(|(k, v)| format!("{k}={}", percent_encode(v)))
+        .collect::<Vec<_>>()
+        .join("&");
+    let report = match &limits.redis {
+        Some(redis) => {
+            let parsed = Query::parse(&encoded).map_err(|e| anyhow::anyhow!(e))?;
+            let store = warden::limits::redis::RedisStore::connect(&redis.url, &redis.prefix).await?;
+            let rows = store.ledger(&parsed.from, &parsed.to).await?;
+            report(&parsed, rows)
+        }
+        None => {
+            // The in-memory ledger lives in the running gateway.
+            let token = std::env::var("WARDEN_ADMIN_TOKEN").map_err(|_| {
+                anyhow::anyhow!(
+                    "the in-memory ledger is read from the running gateway: set WARDEN_ADMIN_TOKEN to its admin token"
+                )
+            })?;
+            let url = format!("http://{}/admin/v1/usage?{encoded}", config.admin_address);
+            let response = reqwest::Client::new().get(&url).bearer_auth(token).send().await?;
+            let status = response.status();
+            let body: serde_json::Value = response.json().await?;
+            if !status.is_success() {
+                anyhow::bail!("{url}: {status}: {body}");
+            }
+            body
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+/// Percent-encodes a query value (everything but unreserved characters).
+fn percent_encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => char::from(b).to_string(),
+            b => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 async fn keys(path: PathBuf, action: KeysAction) -> anyhow::Result<()> {

@@ -118,7 +118,7 @@ async fn life_of_request(
     let (model, permit) = endpoint.ok_or_else(|| Reject::UnknownRoute(ex.path.clone()))?;
 
     let body = match body {
-        Some((bytes, json)) => {
+        Some((bytes, mut json)) => {
             if bytes.len() > model.max_body_bytes {
                 return Err(Reject::BodyTooLarge {
                     limit: model.max_body_bytes,
@@ -140,18 +140,43 @@ async fn life_of_request(
                 let params = authz::action::params(route.operation, ex.stream, &json);
                 authz::authorize_action(&identity, &model, params, Some(pdp), &mut ex.decisions).await?;
             }
-            upstream_body(&model, route.protocol, bytes, json)?
+            // 6 admit: rate limits and budgets, on the estimate (which may
+            // set the request's output limit so the estimate holds).
+            let rewritten = match &rt.config.limits {
+                Some(limits) => admit(rt, limits, ex, &identity, &model, route.operation, Some(&mut json)).await?,
+                None => false,
+            };
+            upstream_body(&model, route.protocol, bytes, json, rewritten)?
         }
-        None => Bytes::new(),
+        None => {
+            if let Some(limits) = &rt.config.limits {
+                admit(rt, limits, ex, &identity, &model, route.operation, None).await?;
+            }
+            Bytes::new()
+        }
     };
 
-    // 6 admit — built by a later stage.
+    // 6 admit: the model's fair share of capacity. A saturated model's
+    // callers wait their turn, tenant by tenant, weighted by tier.
+    if let Some(queue) = rt.queues.get(&model.name) {
+        let weight = rt.config.limits.as_ref().map_or(1, |l| l.weight(identity.tier()));
+        let flow = identity.tenant().unwrap_or_else(|| identity.principal());
+        let slot = queue.acquire(flow, weight).await.map_err(|_| Reject::AtCapacity {
+            model: model.name.clone(),
+            status: model.limits.capacity.as_ref().map_or(429, |c| c.status.as_u16()),
+        })?;
+        ex.slot = Some(slot);
+    }
 
     // 7 forward.
     let client = rt
         .clients
         .get(&model.upstream.name)
         .ok_or(Reject::UpstreamUnreachable)?;
+    if let Some(admission) = &mut ex.admission {
+        admission.forwarded();
+    }
+    ex.forwarded_at = Some(std::time::Instant::now());
     let answer = upstream::forward(
         &permit,
         &model.upstream,
@@ -169,8 +194,60 @@ async fn life_of_request(
     ex.upstream_status = Some(answer.head.status.as_u16());
     ex.upstream_latency = Some(answer.latency);
 
-    // 8 inspect output, 9 settle — built by later stages.
+    // 8 inspect output — built by a later stage. 9 settle: when the
+    // response ends, the finisher settles the admission with the usage.
     Ok(Reply::Upstream(answer))
+}
+
+/// 6 admit: estimates the request, reserves the estimate against every
+/// rule that applies, and keeps the reservation in the exchange to be
+/// settled when it finishes. Returns whether the body was changed.
+async fn admit(
+    rt: &Runtime,
+    limits: &crate::limits::rules::LimitsConfig,
+    ex: &mut Exchange,
+    identity: &Identity,
+    model: &ModelEndpoint,
+    operation: Operation,
+    body: Option<&mut serde_json::Value>,
+) -> Result<bool, Reject> {
+    use crate::limits::admit::RefusalReason;
+    let Some(limiter) = &rt.limiter else { return Ok(false) };
+    let estimate = crate::limits::admit::estimate(limits, &model.limits, operation, ex.stream, body)?;
+    let subject = crate::limits::rules::Subject {
+        principal: identity.principal(),
+        api_key: identity.credential_id(),
+        client_ip: ex.client_ip,
+        tenant: identity.tenant(),
+        model: &model.name,
+        tier: identity.tier(),
+        high_value: model.value_tier == crate::config::ValueTier::High,
+    };
+    let hold_id = ex.request_id.to_str().unwrap_or("invalid");
+    match limiter
+        .admit(limits, &subject, estimate.demand, model.limits.prices, hold_id)
+        .await
+    {
+        Ok(admission) => {
+            ex.admission = Some(admission);
+            Ok(estimate.rewritten)
+        }
+        Err(refusal) => {
+            let reject = match &refusal.reason {
+                RefusalReason::Limited { index, quota } => {
+                    match refusal.outcomes.get(*index).cloned().map(Box::new) {
+                        Some(outcome) if *quota => Reject::QuotaExceeded(outcome),
+                        Some(outcome) => Reject::RateLimited(outcome),
+                        // The index comes from the same list; never absent.
+                        None => Reject::LimitsUnavailable(String::new()),
+                    }
+                }
+                RefusalReason::StoreUnavailable { rule } => Reject::LimitsUnavailable(rule.clone()),
+            };
+            ex.refused_limits = refusal.outcomes;
+            Err(reject)
+        }
+    }
 }
 
 /// 10 audit happens when the body returned here ends: it owns the finisher.
@@ -185,7 +262,8 @@ fn respond(
             let source = match answer.body {
                 AnswerBody::Full(bytes) => Source::Full(Some(bytes)),
                 AnswerBody::Sse(body, idle, connection) => {
-                    Source::Sse(Box::new(SseSource::new(body, idle, connection, ex.protocol)))
+                    let meter = stream_meter(rt, &ex);
+                    Source::Sse(Box::new(SseSource::new(body, idle, connection, ex.protocol, meter)))
                 }
             };
             (answer.head, source, answer.usage)
@@ -204,6 +282,9 @@ fn respond(
         }
     };
     head.headers.insert("x-request-id", ex.request_id.clone());
+    if let Some(limits) = &rt.config.limits {
+        crate::limits::headers::add(ex.limit_outcomes(), limits.ietf_headers, &mut head.headers);
+    }
     let finisher = Finisher::new(
         ex,
         head.status.as_u16(),
@@ -211,6 +292,21 @@ fn respond(
         Arc::clone(&gateway.metrics),
     );
     Response::from_parts(head, ResponseBody::new(source, usage, finisher))
+}
+
+/// A meter for a stream whose reservation counts output tokens (directly,
+/// or as dollars): it cuts the stream at the tokens reserved, so that
+/// concurrent streams cannot jointly overrun a budget.
+fn stream_meter(rt: &Runtime, ex: &Exchange) -> Option<(crate::upstream::sse::StreamMeter, u64)> {
+    use crate::limits::rules::Unit;
+    let admission = ex.admission.as_ref()?;
+    if !admission.counts(&[Unit::OutputTokens, Unit::TotalTokens, Unit::Dollars]) {
+        return None;
+    }
+    let model = rt.config.models.get(ex.model.as_deref()?)?;
+    let limit = admission.reserved.output_tokens;
+    let meter = crate::upstream::sse::StreamMeter::new(ex.protocol, model.limits.tokenizer.clone(), Some(limit));
+    Some((meter, limit))
 }
 
 fn note_model(ex: &mut Exchange, model: &ModelEndpoint) {
@@ -262,14 +358,16 @@ fn list_models(rt: &Runtime, identity: &Identity) -> serde_json::Value {
 }
 
 /// The bytes to send upstream: the client's own bytes, unless the upstream
-/// knows the model by another name and the body names it.
+/// knows the model by another name and the body names it, or the admit
+/// stage set the request's output limit or asked a stream for its usage.
 fn upstream_body(
     model: &ModelEndpoint,
     protocol: Protocol,
     bytes: Bytes,
     mut json: serde_json::Value,
+    rewritten: bool,
 ) -> Result<Bytes, Reject> {
-    if protocol != Protocol::Openai || model.upstream_model == model.name {
+    if protocol != Protocol::Openai || (model.upstream_model == model.name && !rewritten) {
         return Ok(bytes);
     }
     if let Some(field) = json.get_mut("model") {

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 
 use crate::config::Protocol;
+use crate::limits::admit::RuleOutcome;
 
 /// Why a request did not get a model's answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -110,6 +111,55 @@ pub enum Reject {
     /// The gateway is shutting down.
     #[error("the gateway is shutting down")]
     ShuttingDown,
+    /// A rate limit refused the request.
+    #[error("{}", limit_message(.0, false))]
+    RateLimited(Box<RuleOutcome>),
+    /// A budget is used up for its window.
+    #[error("{}", limit_message(.0, true))]
+    QuotaExceeded(Box<RuleOutcome>),
+    /// The model's capacity and its wait queue are full, or the wait for a
+    /// slot timed out.
+    #[error("the model `{model}` is at capacity: try again shortly")]
+    AtCapacity {
+        /// The model.
+        model: String,
+        /// 429 or 503, as configured.
+        status: u16,
+    },
+    /// The shared limit store cannot be reached and a rule fails closed.
+    #[error("limits cannot be checked right now: try again shortly")]
+    LimitsUnavailable(String),
+    /// A streamed response outgrew the output tokens reserved for it.
+    #[error("the response exceeded the {0} output tokens reserved for it and was cut off")]
+    OutputLimitExceeded(u64),
+}
+
+/// The message of a limit refusal, in the manner of OpenAI's.
+fn limit_message(o: &RuleOutcome, quota: bool) -> String {
+    let what = if quota {
+        "Budget exhausted"
+    } else {
+        "Rate limit reached"
+    };
+    let wait = match o.retry_after_ms {
+        Some(ms) => format!("Please try again in {}.", crate::limits::headers::openai_duration(ms)),
+        None => "This request is larger than the limit and can never pass.".to_owned(),
+    };
+    // Dollars are kept in micro-dollars and compute in milliseconds; the
+    // message speaks in dollars and seconds.
+    let amount = |v: u64| match o.unit {
+        "dollars" => format!("${}.{:06}", v / 1_000_000, v % 1_000_000),
+        "compute_seconds" => format!("{}.{:03}s", v / 1000, v % 1000),
+        _ => v.to_string(),
+    };
+    format!(
+        "{what} for {unit} (rule `{rule}`): limit {limit}, remaining {remaining}, requested {cost}. {wait}",
+        unit = o.unit,
+        rule = o.rule,
+        limit = amount(o.limit),
+        remaining = amount(o.remaining),
+        cost = amount(o.cost),
+    )
 }
 
 /// Who caused a failure, recorded in the audit log.
@@ -140,7 +190,12 @@ impl Reject {
             | Reject::TenantNotAllowed(_)
             | Reject::ActionDenied(_) => StatusCode::FORBIDDEN,
             Reject::TenantMissing(_) | Reject::TenantInvalid(_) => StatusCode::BAD_REQUEST,
-            Reject::TooManyAuthFailures(_) => StatusCode::TOO_MANY_REQUESTS,
+            Reject::TooManyAuthFailures(_) | Reject::RateLimited(_) | Reject::QuotaExceeded(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            Reject::AtCapacity { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::TOO_MANY_REQUESTS),
+            Reject::LimitsUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Reject::OutputLimitExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
             Reject::UnknownRoute(_) | Reject::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Reject::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Reject::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -189,11 +244,23 @@ impl Reject {
             Reject::UpstreamAuth => "upstream_auth_failed",
             Reject::ShuttingDown => "shutting_down",
             Reject::AuthenticationUnavailable => "authentication_unavailable",
+            Reject::RateLimited(_) => "rate_limit_exceeded",
+            Reject::QuotaExceeded(_) => "insufficient_quota",
+            Reject::AtCapacity { .. } => "model_at_capacity",
+            Reject::LimitsUnavailable(_) => "limits_unavailable",
+            Reject::OutputLimitExceeded(_) => "output_limit_exceeded",
         }
     }
 
     /// The OpenAI error `type`.
     fn openai_type(&self) -> &'static str {
+        match self {
+            // OpenAI names the limited unit as the type of a 429.
+            Reject::RateLimited(o) if o.unit.ends_with("_tokens") => return "tokens",
+            Reject::RateLimited(_) => return "requests",
+            Reject::QuotaExceeded(_) => return "insufficient_quota",
+            _ => {}
+        }
         match self.status() {
             StatusCode::UNAUTHORIZED => "authentication_error",
             StatusCode::FORBIDDEN => "permission_error",
@@ -217,6 +284,7 @@ impl Reject {
     pub fn detail(&self) -> Option<String> {
         match self {
             Reject::InvalidToken(e) => Some(e.to_string()),
+            Reject::LimitsUnavailable(rule) => Some(format!("store unreachable; rule `{rule}` fails closed")),
             _ => None,
         }
     }
@@ -225,7 +293,11 @@ impl Reject {
     pub fn fault(&self) -> Fault {
         match self {
             Reject::UpstreamUnreachable | Reject::UpstreamTimeout | Reject::UpstreamInvalid => Fault::Upstream,
-            Reject::UpstreamAuth | Reject::ShuttingDown | Reject::AuthenticationUnavailable => Fault::Gateway,
+            Reject::UpstreamAuth
+            | Reject::ShuttingDown
+            | Reject::AuthenticationUnavailable
+            | Reject::LimitsUnavailable(_)
+            | Reject::AtCapacity { .. } => Fault::Gateway,
             _ => Fault::Client,
         }
     }
@@ -233,9 +305,14 @@ impl Reject {
     /// Whether a retry could succeed. The OpenAI SDKs retry 408/409/429/5xx
     /// unless told not to, and a retry cannot fix a denial.
     fn retryable(&self) -> bool {
+        if let Reject::RateLimited(o) = self {
+            return o.retry_after_ms.is_some();
+        }
         matches!(
             self,
-            Reject::BodyTimeout
+            Reject::AtCapacity { .. }
+                | Reject::LimitsUnavailable(_)
+                | Reject::BodyTimeout
                 | Reject::UpstreamUnreachable
                 | Reject::UpstreamTimeout
                 | Reject::ShuttingDown
@@ -270,10 +347,19 @@ impl Reject {
             "x-should-retry",
             HeaderValue::from_static(if self.retryable() { "true" } else { "false" }),
         );
-        if let Reject::TooManyAuthFailures(wait) = self {
-            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            if let Ok(value) = HeaderValue::from_str(&secs.to_string()) {
+        let wait_ms = match self {
+            Reject::TooManyAuthFailures(wait) => Some(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)),
+            Reject::RateLimited(o) | Reject::QuotaExceeded(o) => o.retry_after_ms,
+            _ => None,
+        };
+        if let Some(ms) = wait_ms {
+            // Retry-After is whole seconds, rounded up; the OpenAI SDKs
+            // prefer the finer retry-after-ms.
+            if let Ok(value) = HeaderValue::from_str(&ms.div_ceil(1000).to_string()) {
                 headers.insert(http::header::RETRY_AFTER, value);
+            }
+            if let Ok(value) = HeaderValue::from_str(&ms.to_string()) {
+                headers.insert("retry-after-ms", value);
             }
         }
         if self.status() == StatusCode::UNAUTHORIZED {

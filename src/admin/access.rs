@@ -49,7 +49,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
@@ -91,13 +91,7 @@ pub async fn handle(gateway: &Arc<Gateway>, req: Request<Incoming>) -> Response<
     let mut response = match (req.method(), path.as_str()) {
         (&Method::GET, METADATA_PATH) => metadata(&req, &runtime),
         (_, METADATA_PATH) => error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
-        (_, EVALUATION_PATH | EVALUATIONS_PATH) if !super::keys::authorized(&req, &token) => {
-            let mut response = error(StatusCode::UNAUTHORIZED, "a valid admin token is required");
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            response
-        }
+        (_, EVALUATION_PATH | EVALUATIONS_PATH) if !super::keys::authorized(&req, &token) => super::unauthorized(),
         (&Method::POST, EVALUATION_PATH | EVALUATIONS_PATH) => match read_json(req).await {
             Err(response) => response,
             Ok(body) if path == EVALUATION_PATH => evaluation(&runtime, &body).await,

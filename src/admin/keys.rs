@@ -24,6 +24,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use super::{error, json};
 use crate::authn::key_format;
 use crate::authn::key_store::{KeySpec, KeyStoreError};
 use crate::gateway::Gateway;
@@ -67,11 +68,7 @@ pub async fn handle(gateway: &Arc<Gateway>, req: Request<Incoming>) -> Response<
         return error(StatusCode::NOT_FOUND, "not found");
     };
     if !authorized(&req, &token) {
-        let mut response = error(StatusCode::UNAUTHORIZED, "a valid admin token is required");
-        response
-            .headers_mut()
-            .insert(http::header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
-        return response;
+        return super::unauthorized();
     }
     let (parts, body) = req.into_parts();
     let body = match tokio::time::timeout(Duration::from_secs(10), Limited::new(body, MAX_BODY).collect()).await {
@@ -166,12 +163,4 @@ pub(super) fn authorized<B>(req: &Request<B>, token_sha256: &[u8; 32]) -> bool {
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
     serde_json::from_slice(body).map_err(|e| format!("invalid request body: {e}"))
-}
-
-fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
-    super::reply(status, "application/json", Bytes::from(value.to_string()))
-}
-
-fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
-    json(status, &serde_json::json!({ "error": message }))
 }

@@ -30,6 +30,25 @@ pub struct Metrics {
     reloads: Family<ReloadLabels, Counter>,
     last_reload_ok: Gauge,
     shadow_disagreements: Family<LevelLabels, Counter>,
+    limit_refusals: Family<LimitLabels, Counter>,
+    limit_fallbacks: Family<FallbackLabels, Counter>,
+}
+
+/// Labels of a limit refusal.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    /// The configured rule's name (bounded by the configuration).
+    rule: String,
+    /// `rate_limit_exceeded`, `insufficient_quota`, `limits_unavailable`
+    /// or `model_at_capacity`.
+    reason: &'static str,
+}
+
+/// Labels of a decision taken without the shared limit store.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FallbackLabels {
+    /// `local` (this instance's share applied) or `deny` (refused).
+    mode: &'static str,
 }
 
 /// Labels naming a policy level.
@@ -67,7 +86,21 @@ impl Metrics {
             "Decisions where the shadow (candidate) policy set disagreed with the active one, by level",
             shadow_disagreements.clone(),
         );
+        let limit_refusals = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "limit_refusals",
+            "Requests refused by a limit rule, the capacity queue or an unreachable limit store, by rule and reason",
+            limit_refusals.clone(),
+        );
+        let limit_fallbacks = Family::<FallbackLabels, Counter>::default();
+        registry.register(
+            "limit_store_fallbacks",
+            "Limit decisions taken while the shared (Redis) store could not be reached, by fail mode",
+            limit_fallbacks.clone(),
+        );
         Metrics {
+            limit_refusals,
+            limit_fallbacks,
             shadow_disagreements,
             registry,
             request,
@@ -97,6 +130,21 @@ impl Metrics {
     /// The shadow policy set disagreed with the active one at `level`.
     pub fn shadow_disagreement(&self, level: &'static str) {
         self.shadow_disagreements.get_or_create(&LevelLabels { level }).inc();
+    }
+
+    /// A limit refused a request.
+    pub fn limit_refusal(&self, rule: &str, reason: &'static str) {
+        self.limit_refusals
+            .get_or_create(&LimitLabels {
+                rule: rule.to_owned(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// A limit decision was taken without the shared store.
+    pub fn limit_fallback(&self, mode: &'static str) {
+        self.limit_fallbacks.get_or_create(&FallbackLabels { mode }).inc();
     }
 
     /// A client connection opened (`+1`) or closed (`-1`).

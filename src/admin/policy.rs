@@ -25,6 +25,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use serde_json::{Value, json};
 
+use super::{error, json};
 use crate::authz::history;
 use crate::gateway::{BuildError, Gateway, RollbackError, Runtime};
 
@@ -36,15 +37,8 @@ pub fn owns(path: &str) -> bool {
 /// Answers one policy admin request.
 pub async fn handle<B>(gateway: &Arc<Gateway>, req: Request<B>) -> Response<Full<Bytes>> {
     let runtime = gateway.runtime();
-    let Some(token) = runtime.config.admin_token_sha256 else {
-        return error(StatusCode::NOT_FOUND, "not found");
-    };
-    if !super::keys::authorized(&req, &token) {
-        let mut response = error(StatusCode::UNAUTHORIZED, "a valid admin token is required");
-        response
-            .headers_mut()
-            .insert(http::header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
-        return response;
+    if let Some(refused) = super::refuse_without_token(&runtime, &req) {
+        return refused;
     }
     let segments: Vec<&str> = req.uri().path().trim_start_matches('/').split('/').collect();
     match (req.method(), segments.as_slice()) {
@@ -153,12 +147,4 @@ fn refused(e: &BuildError, now: &Runtime) -> Response<Full<Bytes>> {
             }),
         ),
     }
-}
-
-fn json(status: StatusCode, value: &Value) -> Response<Full<Bytes>> {
-    super::reply(status, "application/json", Bytes::from(value.to_string()))
-}
-
-fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
-    json(status, &json!({ "error": message }))
 }

@@ -103,6 +103,11 @@ impl Identity {
         self.key.as_ref().map(|k| k.tenant.as_str())
     }
 
+    /// The caller's service tier, when it has one.
+    pub fn tier(&self) -> Option<&str> {
+        self.key.as_ref().and_then(|k| k.tier.as_deref())
+    }
+
     /// The models the caller may call; an anonymous caller may call none.
     pub fn models(&self) -> Option<&ModelGrant> {
         self.key.as_ref().map(|k| &k.models)

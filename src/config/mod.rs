@@ -4,6 +4,7 @@
 //! at once. Secrets are read here, from environment variables or files, and are
 //! never written inline in the file.
 
+mod limits;
 pub mod raw;
 
 use std::collections::{HashMap, HashSet};
@@ -86,6 +87,9 @@ pub struct Config {
     pub authzen: Option<Arc<crate::authz::authzen::AuthzenPdp>>,
     /// The Envoy ext_authz gRPC listener, when one is configured.
     pub ext_authz: Option<ExtAuthzConfig>,
+    /// Rate limits, budgets and fairness; `None` when there is no `limits:`
+    /// section, and then the stage costs nothing.
+    pub limits: Option<Arc<crate::limits::rules::LimitsConfig>>,
 }
 
 /// The Envoy ext_authz gRPC listener, checked.
@@ -342,6 +346,8 @@ pub struct ModelEndpoint {
     pub tenant: Option<TenantSource>,
     /// Authentication methods accepted; `None` means all.
     pub auth_methods: Option<Vec<crate::authn::AuthMethod>>,
+    /// How its requests are counted and priced for limits.
+    pub limits: crate::limits::rules::ModelLimits,
 }
 
 /// Where a request names the tenant it touches.
@@ -563,7 +569,7 @@ impl Config {
         let mut models = HashMap::new();
         for (i, m) in raw.models.iter().enumerate() {
             let path = format!("models[{i}]");
-            if let Some(model) = check_model(m, &path, &upstreams, &declared_upstreams, max_body_cap, &mut errs)
+            if let Some(model) = check_model(m, &path, base, &upstreams, &declared_upstreams, max_body_cap, &mut errs)
                 && models.insert(model.name.clone(), Arc::new(model)).is_some()
             {
                 errs.push(&format!("{path}.name"), format!("duplicate model `{}`", m.name));
@@ -684,6 +690,10 @@ impl Config {
                 trust_source_principal: e.trust_source_principal,
             })
         });
+        let limits = raw
+            .limits
+            .as_ref()
+            .map(|l| Arc::new(limits::check_limits(l, &declared_models, &mut errs)));
         if mtls.is_some() && !client_ca {
             errs.push(
                 "mtls",
@@ -734,6 +744,7 @@ impl Config {
                 opa,
                 authzen,
                 ext_authz,
+                limits,
             }),
             _ => Err(ConfigErrors(errs.0)),
         }
@@ -1096,6 +1107,7 @@ fn read_secret(raw: &RawSecret, path: &str, base: &Path, errs: &mut Errors) -> O
 fn check_model(
     raw: &raw::RawModel,
     path: &str,
+    base: &Path,
     upstreams: &HashMap<String, Arc<Upstream>>,
     declared_upstreams: &HashSet<&str>,
     max_body_cap: usize,
@@ -1217,6 +1229,7 @@ fn check_model(
             "must not contain `/`, `?`, `#` or `%` on an oip_v2 model",
         );
     }
+    let limits = limits::check_model_limits(raw.limits.as_ref(), path, base, errs);
     if errs.0.len() != before {
         return None;
     }
@@ -1230,6 +1243,7 @@ fn check_model(
         require_mtls: raw.require_mtls,
         tenant,
         auth_methods,
+        limits,
     })
 }
 

@@ -47,6 +47,9 @@ pub struct RawConfig {
     /// mesh can ask Warden's policies about its own traffic.
     #[serde(default)]
     pub ext_authz: Option<RawExtAuthz>,
+    /// Rate limits, budgets and fairness.
+    #[serde(default)]
+    pub limits: Option<RawLimits>,
 }
 
 /// RFC 7662 token introspection.
@@ -528,6 +531,9 @@ pub struct RawModel {
     /// `resource.value_tier`): `standard` (the default) or `high`.
     #[serde(default)]
     pub value_tier: Option<String>,
+    /// Tokenizer, prices, output reservation and capacity, for limits.
+    #[serde(default)]
+    pub limits: Option<RawModelLimits>,
 }
 
 /// Where a request names its tenant.
@@ -572,4 +578,195 @@ pub enum RawSize {
     Bytes(u64),
     /// With a unit suffix.
     Text(String),
+}
+
+/// Rate limits, budgets and their store (`limits:`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// Where limit state lives: `memory` (the default: per instance) or
+    /// `redis` (shared by every instance using the same Redis and prefix).
+    #[serde(default)]
+    pub store: Option<String>,
+    /// The Redis store, when `store: redis`.
+    #[serde(default)]
+    pub redis: Option<RawLimitsRedis>,
+    /// Time zone of calendar budgets that do not name one (IANA name, e.g.
+    /// `Europe/Paris`). Default `UTC`.
+    #[serde(default)]
+    pub time_zone: Option<String>,
+    /// Requests to `value_tier: high` models count each rule at this
+    /// fraction of its limit, separately per model, unless the rule says
+    /// `high_value: unscaled`. Default `0.25`.
+    #[serde(default)]
+    pub high_value_factor: Option<f64>,
+    /// Send the IETF `RateLimit-Policy` and `RateLimit` fields besides
+    /// OpenAI's `x-ratelimit-*` headers. Default `false`.
+    #[serde(default)]
+    pub ietf_headers: bool,
+    /// Service tiers: their fair-queuing weight and their own rules.
+    #[serde(default)]
+    pub tiers: std::collections::BTreeMap<String, RawTier>,
+    /// Rules that apply to every tier (or to those a rule names).
+    #[serde(default)]
+    pub rules: Vec<RawRule>,
+}
+
+/// The Redis limit store.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimitsRedis {
+    /// `redis://host:port/db`.
+    pub url: String,
+    /// Key prefix (a Redis Cluster hash tag). Default `warden`.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// How many Warden instances share the store: rules whose fail mode is
+    /// `local` enforce 1/instances of their limit per instance while Redis
+    /// cannot be reached. Default `1`.
+    #[serde(default)]
+    pub instances: Option<u32>,
+    /// Time allowed for one decision; past it Redis counts as unreachable.
+    /// Default `50ms`.
+    #[serde(default)]
+    pub timeout: Option<String>,
+}
+
+/// A service tier.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTier {
+    /// Share of a saturated model's capacity relative to other tiers'
+    /// tenants. Default `1`.
+    #[serde(default)]
+    pub weight: Option<u32>,
+    /// Rules for callers of this tier only.
+    #[serde(default)]
+    pub rules: Vec<RawRule>,
+}
+
+/// One limit rule: a key, a unit and exactly one of `rate`, `budget` or
+/// `concurrency`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    /// Unique name, shown in headers, errors, metrics and the audit record.
+    pub name: String,
+    /// What is counted apart: any of `principal`, `api_key`, `client_ip`,
+    /// `tenant`, `model`, `tier`; or `[global]` for one count for all.
+    pub key: Vec<String>,
+    /// `requests` (the default), `input_tokens`, `output_tokens`,
+    /// `total_tokens`, `compute_seconds` or `dollars`.
+    #[serde(default)]
+    pub unit: Option<String>,
+    /// A GCRA rate: `AMOUNT/PERIOD`, e.g. `60/min`, `100000/day`, `$1/hour`,
+    /// `10/30s`.
+    #[serde(default)]
+    pub rate: Option<String>,
+    /// The most a rate admits at once. Default: one period's amount.
+    #[serde(default)]
+    pub burst: Option<String>,
+    /// A calendar budget: the amount per `per` window, e.g. `$5` or `200000`.
+    #[serde(default)]
+    pub budget: Option<String>,
+    /// The budget's window: `hour`, `day` or `month`.
+    #[serde(default)]
+    pub per: Option<String>,
+    /// The budget's time zone; default `limits.time_zone`.
+    #[serde(default)]
+    pub time_zone: Option<String>,
+    /// A concurrency cap: at most this many requests in flight.
+    #[serde(default)]
+    pub concurrency: Option<u64>,
+    /// Only requests to these models.
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+    /// Only callers of these tiers.
+    #[serde(default)]
+    pub tiers: Option<Vec<String>>,
+    /// When the Redis store cannot be reached: `deny`, or `local`
+    /// (per-instance share). Default `deny` for dollars, `local` otherwise.
+    #[serde(default)]
+    pub fail: Option<String>,
+    /// `scaled` (the default: `limits.high_value_factor` on high-value
+    /// models) or `unscaled`.
+    #[serde(default)]
+    pub high_value: Option<String>,
+}
+
+/// Per-model limit settings (`models[].limits`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModelLimits {
+    /// The tokenizer input tokens are counted with: `o200k_base`,
+    /// `cl100k_base`, or `{file: tokenizer.json}`. Default `o200k_base`.
+    #[serde(default)]
+    pub tokenizer: Option<RawTokenizer>,
+    /// Prices in dollars: per million tokens, or per compute second.
+    #[serde(default)]
+    pub prices: Option<RawPrices>,
+    /// Output tokens reserved when the request sets no `max_tokens`;
+    /// Warden then sets it, so the upstream stops there. Default `4096`.
+    #[serde(default)]
+    pub default_max_tokens: Option<u64>,
+    /// Which field Warden writes: `max_tokens` (default) or
+    /// `max_completion_tokens`.
+    #[serde(default)]
+    pub max_tokens_field: Option<String>,
+    /// Compute time reserved per request before its real duration is
+    /// known (predictive models). Default `1s`.
+    #[serde(default)]
+    pub compute_estimate: Option<String>,
+    /// Concurrency capacity of the endpoint, with its fair queue.
+    #[serde(default)]
+    pub capacity: Option<RawCapacity>,
+}
+
+/// A tokenizer reference.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawTokenizer {
+    /// A built-in encoding name.
+    Name(String),
+    /// A Hugging Face `tokenizer.json`.
+    File {
+        /// Path, relative to the configuration file.
+        file: String,
+    },
+}
+
+/// A model's prices, as decimal dollar strings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrices {
+    /// Per million input tokens.
+    #[serde(default)]
+    pub input: Option<String>,
+    /// Per million cached input tokens. Default: the input price.
+    #[serde(default)]
+    pub cached_input: Option<String>,
+    /// Per million output tokens.
+    #[serde(default)]
+    pub output: Option<String>,
+    /// Per second of compute.
+    #[serde(default)]
+    pub compute_second: Option<String>,
+}
+
+/// A model endpoint's concurrency capacity and wait queue.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCapacity {
+    /// Requests in flight to the upstream at once.
+    pub concurrency: usize,
+    /// Requests that may wait for a slot. Default `4 × concurrency`.
+    #[serde(default)]
+    pub queue: Option<usize>,
+    /// Longest wait. Default `5s`.
+    #[serde(default)]
+    pub queue_timeout: Option<String>,
+    /// Status for a full queue or a wait that timed out: `429` (default) or
+    /// `503`.
+    #[serde(default)]
+    pub status: Option<u16>,
 }

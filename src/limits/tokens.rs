@@ -3,9 +3,11 @@
 //!
 //! A rate limit or budget measured in tokens is only as good as the count:
 //! `len / 4` is off by a factor of two or more on code and non-English text,
-//! so requests are counted with the BPE the model itself uses. The encodings
-//! (`o200k_base`, `cl100k_base`) are compiled into `tiktoken-rs`, so nothing
-//! is fetched at run time.
+//! so requests are counted with the BPE the model itself uses. The OpenAI
+//! encodings (`o200k_base`, `cl100k_base`) are compiled into `tiktoken-rs`;
+//! an open model's tokenizer is a Hugging Face `tokenizer.json` shipped with
+//! the configuration ([`Tokenizer::from_file`]; the repository carries one,
+//! Qwen3's, under `tokenizers/`). Nothing is fetched at run time.
 //!
 //! Chat requests are counted as OpenAI's cookbook counts them
 //! (<https://github.com/openai/openai-cookbook/blob/main/examples/How_to_count_tokens_with_tiktoken.ipynb>):
@@ -14,16 +16,24 @@
 //! [`REPLY_PRIMING`] once. Tool definitions are counted as their JSON text,
 //! which is close to (slightly above) what the API charges for them.
 //!
+//! The per-message framing constants are OpenAI's. Open models wrap messages
+//! in their own chat template (Qwen's ChatML, `<|im_start|>{role}\n…<|im_end|>\n`,
+//! is four tokens plus the role), so for them the framing is an estimate of
+//! the same size; the text itself is counted exactly.
+//!
 //! Content that is not text (images, audio, files) cannot be counted from the
 //! request; rather than guess, the count says how many such parts it skipped
 //! ([`TokenCount::uncounted_parts`]) and the caller decides what to charge.
 
 use std::collections::HashSet;
 use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::path::Path;
 use std::str::FromStr;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use tiktoken_rs::CoreBPE;
 
 use crate::route::Operation;
@@ -41,13 +51,21 @@ pub const REPLY_PRIMING: u64 = 3;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
     /// The configured tokenizer name is not one Warden knows.
-    #[error("unknown tokenizer {0:?} (known: o200k_base, cl100k_base)")]
+    #[error("unknown tokenizer {0:?} (known: o200k_base, cl100k_base; or give a tokenizer.json file)")]
     UnknownTokenizer(String),
     /// The embedded encoding failed to load; a broken build, not bad input.
     #[error("tokenizer {name} failed to load: {reason}")]
     Load {
         /// The tokenizer.
         name: &'static str,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A `tokenizer.json` could not be read or is not a tokenizer.
+    #[error("tokenizer file `{path}` failed to load: {reason}")]
+    File {
+        /// The file, as given.
+        path: String,
         /// What went wrong.
         reason: String,
     },
@@ -63,13 +81,18 @@ pub enum TokenError {
     Malformed(&'static str),
 }
 
-/// A tokenizer (BPE encoding) a model may use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// A tokenizer a model may use: one of OpenAI's BPE encodings, or an open
+/// model's Hugging Face tokenizer loaded from its `tokenizer.json`.
+///
+/// Cheap to clone: a file tokenizer is shared behind an [`Arc`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Tokenizer {
     /// `o200k_base`: GPT-4o, GPT-4.1, GPT-5, o-series models.
     O200kBase,
     /// `cl100k_base`: GPT-4, GPT-3.5-turbo, `text-embedding-3-*`, `ada-002`.
     Cl100kBase,
+    /// A Hugging Face `tokenizer.json` (see [`Tokenizer::from_file`]).
+    File(Arc<FileTokenizer>),
 }
 
 // Building a BPE parses a few megabytes of ranks and takes hundreds of
@@ -90,44 +113,156 @@ impl Tokenizer {
         }
     }
 
-    /// The tokenizer's name, as written in configuration.
-    pub fn name(self) -> &'static str {
+    /// The Hugging Face tokenizer in the `tokenizer.json` at `path`, as the
+    /// model's own repository ships it.
+    ///
+    /// Reading and parsing the file is blocking work (tens of milliseconds
+    /// for a 150k-token vocabulary in a release build): do it at
+    /// configuration load, not per request. Truncation and padding set in the
+    /// file are switched off, since either would change the count.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, TokenError> {
+        FileTokenizer::load(path.as_ref()).map(|t| Tokenizer::File(Arc::new(t)))
+    }
+
+    /// The tokenizer's name, as written in configuration: the encoding's
+    /// name, or the file's path.
+    pub fn name(&self) -> &str {
         match self {
             Tokenizer::O200kBase => "o200k_base",
             Tokenizer::Cl100kBase => "cl100k_base",
+            Tokenizer::File(file) => &file.path,
         }
     }
 
     /// Builds the encoding now, if it is not built yet, so that the first
-    /// request does not pay for it; meant for configuration load.
-    pub fn preload(self) -> Result<(), TokenError> {
-        self.bpe().map(|_| ())
-    }
-
-    fn bpe(self) -> Result<&'static CoreBPE, TokenError> {
-        let cell = match self {
-            Tokenizer::O200kBase => &O200K_BASE,
-            Tokenizer::Cl100kBase => &CL100K_BASE,
-        };
-        cell.as_ref().map_err(|reason| TokenError::Load {
-            name: self.name(),
-            reason: reason.clone(),
-        })
+    /// request does not pay for it; meant for configuration load. (A file
+    /// tokenizer is built when it is loaded.)
+    pub fn preload(&self) -> Result<(), TokenError> {
+        match self {
+            Tokenizer::O200kBase => shared_bpe(&O200K_BASE, "o200k_base").map(|_| ()),
+            Tokenizer::Cl100kBase => shared_bpe(&CL100K_BASE, "cl100k_base").map(|_| ()),
+            Tokenizer::File(_) => Ok(()),
+        }
     }
 
     /// The number of tokens in `text`.
     ///
-    /// Special-token markers such as `<|endoftext|>` in the text are counted
-    /// as ordinary text, as the API treats them: a caller cannot make its
-    /// text cheaper by spelling a special token. `encode` with no allowed
-    /// special tokens is used rather than `encode_ordinary` because the
-    /// latter panics where this returns an error.
-    pub fn count(self, text: &str) -> Result<u64, TokenError> {
-        let n = self
-            .bpe()?
-            .count(text, &HashSet::new())
-            .map_err(|e| TokenError::Encode(e.to_string()))?;
+    /// OpenAI encodings: special-token markers such as `<|endoftext|>` in
+    /// the text are counted as ordinary text, as the API treats them: a
+    /// caller cannot make its text cheaper by spelling a special token.
+    /// `encode` with no allowed special tokens is used rather than
+    /// `encode_ordinary` because the latter panics where this returns an
+    /// error.
+    ///
+    /// File tokenizers: the text is encoded as the model server encodes a
+    /// prompt, without adding special tokens (`encode(text, false)`); the
+    /// added tokens of the file's vocabulary that appear in the text (e.g.
+    /// Qwen's `<|im_start|>`) are matched as the single tokens the server
+    /// will also see.
+    pub fn count(&self, text: &str) -> Result<u64, TokenError> {
+        let n = match self {
+            Tokenizer::O200kBase => count_bpe(shared_bpe(&O200K_BASE, "o200k_base")?, text)?,
+            Tokenizer::Cl100kBase => count_bpe(shared_bpe(&CL100K_BASE, "cl100k_base")?, text)?,
+            Tokenizer::File(file) => file.count(text)?,
+        };
         Ok(u64::try_from(n).unwrap_or(u64::MAX))
+    }
+}
+
+fn shared_bpe(
+    cell: &'static LazyLock<Result<CoreBPE, String>>,
+    name: &'static str,
+) -> Result<&'static CoreBPE, TokenError> {
+    LazyLock::force(cell).as_ref().map_err(|reason| TokenError::Load {
+        name,
+        reason: reason.clone(),
+    })
+}
+
+fn count_bpe(bpe: &CoreBPE, text: &str) -> Result<usize, TokenError> {
+    bpe.count(text, &HashSet::new())
+        .map_err(|e| TokenError::Encode(e.to_string()))
+}
+
+/// An open model's tokenizer, loaded from a Hugging Face `tokenizer.json`.
+///
+/// Two are equal when their files' contents are (compared by SHA-256).
+pub struct FileTokenizer {
+    path: String,
+    sha256: [u8; 32],
+    inner: tokenizers::Tokenizer,
+}
+
+impl FileTokenizer {
+    fn load(path: &Path) -> Result<FileTokenizer, TokenError> {
+        let shown = path.display().to_string();
+        let fail = |reason: String| TokenError::File {
+            path: shown.clone(),
+            reason,
+        };
+        let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+        let mut inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| fail(e.to_string()))?;
+        // A `tokenizer.json` made for a fixed-length encoder carries
+        // truncation (MiniLM's stops at 128) and padding; either would make
+        // the count the padded or truncated length rather than the text's.
+        inner.with_truncation(None).map_err(|e| fail(e.to_string()))?;
+        inner.with_padding(None);
+        Ok(FileTokenizer {
+            sha256: Sha256::digest(&bytes).into(),
+            path: shown,
+            inner,
+        })
+    }
+
+    /// The file's path, as given.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// SHA-256 of the file, in lowercase hex: which tokenizer this is.
+    pub fn sha256_hex(&self) -> String {
+        hex::encode(self.sha256)
+    }
+
+    fn count(&self, text: &str) -> Result<usize, TokenError> {
+        // `encode_fast` is `encode` without the offsets, which a count does
+        // not need; the ids are the same.
+        self.inner
+            .encode_fast(text, false)
+            .map(|encoding| encoding.len())
+            .map_err(|e| TokenError::Encode(e.to_string()))
+    }
+
+    #[cfg(test)]
+    fn ids(&self, text: &str) -> Vec<u32> {
+        self.inner
+            .encode(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .unwrap_or_default()
+    }
+}
+
+impl fmt::Debug for FileTokenizer {
+    // Not the vocabulary: it is a hundred thousand entries.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileTokenizer")
+            .field("path", &self.path)
+            .field("sha256", &self.sha256_hex())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for FileTokenizer {
+    fn eq(&self, other: &Self) -> bool {
+        self.sha256 == other.sha256
+    }
+}
+
+impl Eq for FileTokenizer {}
+
+impl Hash for FileTokenizer {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.sha256.hash(state);
     }
 }
 
@@ -181,7 +316,7 @@ impl TokenCount {
 ///
 /// Token-id arrays are counted by their length: each id is one token of the
 /// model's own encoding, which is exactly what the API bills.
-pub fn count_request(tokenizer: Tokenizer, operation: Operation, body: &Value) -> Result<TokenCount, TokenError> {
+pub fn count_request(tokenizer: &Tokenizer, operation: Operation, body: &Value) -> Result<TokenCount, TokenError> {
     let mut count = TokenCount::default();
     match operation {
         Operation::ChatCompletions => count_chat(tokenizer, body, &mut count)?,
@@ -203,7 +338,7 @@ pub fn count_request(tokenizer: Tokenizer, operation: Operation, body: &Value) -
     Ok(count)
 }
 
-fn count_chat(tokenizer: Tokenizer, body: &Value, count: &mut TokenCount) -> Result<(), TokenError> {
+fn count_chat(tokenizer: &Tokenizer, body: &Value, count: &mut TokenCount) -> Result<(), TokenError> {
     let messages = body
         .get("messages")
         .and_then(Value::as_array)
@@ -248,7 +383,7 @@ fn count_chat(tokenizer: Tokenizer, body: &Value, count: &mut TokenCount) -> Res
 
 /// A message's `content`: a string, `null` (an assistant message that only
 /// calls tools), or an array of parts of which only text can be counted.
-fn count_content(tokenizer: Tokenizer, content: &Value, count: &mut TokenCount) -> Result<(), TokenError> {
+fn count_content(tokenizer: &Tokenizer, content: &Value, count: &mut TokenCount) -> Result<(), TokenError> {
     match content {
         Value::Null => {}
         Value::String(s) => count.add(tokenizer.count(s)?),
@@ -280,7 +415,7 @@ const NOT_AN_INPUT: &str = "`input` is not a string, an array of strings or an a
 /// `prompt` or `input`: a string, or an array of strings, of token ids, or of
 /// arrays of token ids.
 fn count_prompt(
-    tokenizer: Tokenizer,
+    tokenizer: &Tokenizer,
     prompt: &Value,
     shape_error: &'static str,
     count: &mut TokenCount,
@@ -317,12 +452,16 @@ mod tests {
 
     const BOTH: [Tokenizer; 2] = [Tokenizer::O200kBase, Tokenizer::Cl100kBase];
 
-    fn bpe(t: Tokenizer) -> &'static CoreBPE {
-        t.bpe().unwrap()
+    fn bpe(t: &Tokenizer) -> &'static CoreBPE {
+        match t {
+            Tokenizer::O200kBase => shared_bpe(&O200K_BASE, "o200k_base").unwrap(),
+            Tokenizer::Cl100kBase => shared_bpe(&CL100K_BASE, "cl100k_base").unwrap(),
+            Tokenizer::File(_) => panic!("{t} is not a tiktoken encoding"),
+        }
     }
 
     /// The count straight from the encoding, independent of `count`.
-    fn n(t: Tokenizer, text: &str) -> u64 {
+    fn n(t: &Tokenizer, text: &str) -> u64 {
         bpe(t).encode_with_special_tokens(text).len() as u64
     }
 
@@ -349,11 +488,11 @@ mod tests {
         assert_eq!(Tokenizer::Cl100kBase.count("tiktoken is great!").unwrap(), 6);
         assert_eq!(Tokenizer::O200kBase.count("tiktoken is great!").unwrap(), 6);
         assert_eq!(
-            bpe(Tokenizer::Cl100kBase).encode_ordinary("tiktoken is great!"),
+            bpe(&Tokenizer::Cl100kBase).encode_ordinary("tiktoken is great!"),
             [83, 1609, 5963, 374, 2294, 0]
         );
         assert_eq!(
-            bpe(Tokenizer::O200kBase).encode_ordinary("tiktoken is great!"),
+            bpe(&Tokenizer::O200kBase).encode_ordinary("tiktoken is great!"),
             [83, 8251, 2488, 382, 2212, 0]
         );
     }
@@ -365,7 +504,7 @@ mod tests {
         for t in BOTH {
             let c = t.count("<|endoftext|>").unwrap();
             assert!(c > 1, "{t}: {c}");
-            assert_eq!(c, bpe(t).encode_ordinary("<|endoftext|>").len() as u64);
+            assert_eq!(c, bpe(&t).encode_ordinary("<|endoftext|>").len() as u64);
         }
     }
 
@@ -387,14 +526,14 @@ mod tests {
             for m in messages.as_array().unwrap() {
                 expected += 3;
                 for (k, v) in m.as_object().unwrap() {
-                    expected += n(t, v.as_str().unwrap());
+                    expected += n(&t, v.as_str().unwrap());
                     if k == "name" {
                         expected += 1;
                     }
                 }
             }
             expected += 3;
-            let got = count_request(t, Operation::ChatCompletions, &body).unwrap();
+            let got = count_request(&t, Operation::ChatCompletions, &body).unwrap();
             assert_eq!(
                 got,
                 TokenCount {
@@ -407,9 +546,9 @@ mod tests {
         // The cookbook reports, matching the API's usage, 129 prompt tokens
         // for this conversation on gpt-4 (cl100k_base) and 124 on gpt-4o
         // (o200k_base).
-        let got = count_request(Tokenizer::Cl100kBase, Operation::ChatCompletions, &body).unwrap();
+        let got = count_request(&Tokenizer::Cl100kBase, Operation::ChatCompletions, &body).unwrap();
         assert_eq!(got.tokens, 129);
-        let got = count_request(Tokenizer::O200kBase, Operation::ChatCompletions, &body).unwrap();
+        let got = count_request(&Tokenizer::O200kBase, Operation::ChatCompletions, &body).unwrap();
         assert_eq!(got.tokens, 124);
     }
 
@@ -419,7 +558,7 @@ mod tests {
         let body = json!({"messages": [{"role": "user", "content": "hello world"}]});
         for t in BOTH {
             assert_eq!(
-                count_request(t, Operation::ChatCompletions, &body).unwrap().tokens,
+                count_request(&t, Operation::ChatCompletions, &body).unwrap().tokens,
                 9,
                 "{t}"
             );
@@ -445,16 +584,16 @@ mod tests {
         for t in BOTH {
             let expected = 3 * 3
                 + 3
-                + n(t, "user")
-                + n(t, "What is in this image?")
-                + n(t, "And the weather in Paris?")
-                + n(t, "assistant")
-                + n(t, &tool_calls.to_string())
-                + n(t, "tool")
-                + n(t, "call_1")
-                + n(t, "sunny")
-                + n(t, &tools[0].to_string());
-            let got = count_request(t, Operation::ChatCompletions, &body).unwrap();
+                + n(&t, "user")
+                + n(&t, "What is in this image?")
+                + n(&t, "And the weather in Paris?")
+                + n(&t, "assistant")
+                + n(&t, &tool_calls.to_string())
+                + n(&t, "tool")
+                + n(&t, "call_1")
+                + n(&t, "sunny")
+                + n(&t, &tools[0].to_string());
+            let got = count_request(&t, Operation::ChatCompletions, &body).unwrap();
             assert_eq!(got.tokens, expected, "{t}");
             assert_eq!(got.uncounted_parts, 1, "{t}: the image is not guessed at");
             assert!(!got.is_complete());
@@ -464,7 +603,7 @@ mod tests {
     #[test]
     fn completions_and_embeddings_in_every_shape() {
         let t = Tokenizer::O200kBase;
-        let count = |op, body: Value| count_request(t, op, &body).unwrap().tokens;
+        let count = |op, body: Value| count_request(&t, op, &body).unwrap().tokens;
         assert_eq!(count(Operation::Completions, json!({"prompt": "hello world"})), 2);
         assert_eq!(
             count(
@@ -479,14 +618,14 @@ mod tests {
         assert_eq!(count(Operation::Embeddings, json!({"input": "hello world"})), 2);
         assert_eq!(
             count(Operation::Embeddings, json!({"input": ["a b c", "hello world"]})),
-            n(t, "a b c") + 2
+            n(&t, "a b c") + 2
         );
     }
 
     #[test]
     fn malformed_bodies_and_bodiless_operations_are_errors() {
         let t = Tokenizer::Cl100kBase;
-        let err = |op, body: Value| count_request(t, op, &body).unwrap_err();
+        let err = |op, body: Value| count_request(&t, op, &body).unwrap_err();
         assert!(matches!(
             err(Operation::ChatCompletions, json!({})),
             TokenError::Malformed(_)
@@ -527,8 +666,8 @@ mod tests {
         let prompt = sentence.repeat(10_240 / sentence.len() + 1);
         assert!(prompt.len() >= 10_240);
         for t in BOTH {
-            let got = count_request(t, Operation::Completions, &json!({"prompt": prompt})).unwrap();
-            assert_eq!(got.tokens, n(t, &prompt), "{t}");
+            let got = count_request(&t, Operation::Completions, &json!({"prompt": prompt})).unwrap();
+            assert_eq!(got.tokens, n(&t, &prompt), "{t}");
             // English prose runs about four bytes a token; far from it means
             // the text was not really tokenized.
             assert!((1_500..4_000).contains(&got.tokens), "{t}: {}", got.tokens);
@@ -551,6 +690,184 @@ mod tests {
         match Tokenizer::O200kBase.count(&spaces) {
             Ok(n) => assert!(n > 0),
             Err(e) => assert!(matches!(e, TokenError::Encode(_)), "{e}"),
+        }
+    }
+
+    // --- Hugging Face tokenizer files -------------------------------------
+
+    /// The shipped Qwen3 tokenizer (see `tokenizers/README.md`), loaded once
+    /// for all tests: parsing 11 MB of JSON takes seconds in a debug build.
+    static QWEN3: LazyLock<Tokenizer> = LazyLock::new(|| Tokenizer::from_file(QWEN3_PATH).unwrap());
+    const QWEN3_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tokenizers/qwen3/tokenizer.json");
+    const QWEN3_SHA256: &str = "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4";
+
+    fn qwen3() -> Tokenizer {
+        QWEN3.clone()
+    }
+
+    fn file_of(t: &Tokenizer) -> &FileTokenizer {
+        match t {
+            Tokenizer::File(file) => file,
+            other => panic!("{other} is not a file tokenizer"),
+        }
+    }
+
+    #[test]
+    fn the_shipped_qwen3_file_is_the_one_the_readme_names() {
+        let t = qwen3();
+        let file = file_of(&t);
+        assert_eq!(file.sha256_hex(), QWEN3_SHA256);
+        assert_eq!(file.path(), QWEN3_PATH);
+        assert_eq!(t.name(), QWEN3_PATH);
+        assert_eq!(t.to_string(), QWEN3_PATH);
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tokenizers/README.md")).unwrap();
+        assert!(readme.contains(QWEN3_SHA256));
+        t.preload().unwrap();
+    }
+
+    #[test]
+    fn qwen3_hand_checked_ids() {
+        let t = qwen3();
+        let file = file_of(&t);
+        // Ids as they stand in the file's vocabulary: `Hello` 9707, `,` 11,
+        // `Ġworld` 1879 (Ġ is the byte-level space), `!` 0, `hello` 14990.
+        assert_eq!(file.ids("Hello, world!"), [9707, 11, 1879, 0]);
+        assert_eq!(t.count("Hello, world!").unwrap(), 4);
+        assert_eq!(file.ids("hello world"), [14990, 1879]);
+        assert_eq!(t.count("hello world").unwrap(), 2);
+        // Qwen's pre-tokenizer splits numbers into single digits (`\p{N}`),
+        // where cl100k_base takes up to three at a time.
+        assert_eq!(file.ids("2024"), [17, 15, 17, 19]);
+        assert_eq!(t.count("2024").unwrap(), 4);
+        assert_eq!(Tokenizer::Cl100kBase.count("2024").unwrap(), 2);
+        assert_eq!(t.count("").unwrap(), 0);
+        // No special tokens are added around the text...
+        assert_eq!(t.count("a").unwrap(), 1);
+        // ...and an added token spelled in the text is the one token the
+        // model server will see too.
+        assert_eq!(file.ids("<|im_start|>"), [151644]);
+        assert_eq!(t.count("<|im_start|>user").unwrap(), 2);
+    }
+
+    #[test]
+    fn qwen3_ids_follow_the_files_vocabulary() {
+        let t = qwen3();
+        let file = file_of(&t);
+        // Every word of this sentence is one entry of the vocabulary, the
+        // words after the first with the byte-level space `Ġ` in front.
+        let words = [
+            "The", "Ġquick", "Ġbrown", "Ġfox", "Ġjumps", "Ġover", "Ġthe", "Ġlazy", "Ġdog", ".",
+        ];
+        let expected: Vec<u32> = words
+            .iter()
+            .map(|w| {
+                file.inner
+                    .token_to_id(w)
+                    .unwrap_or_else(|| panic!("{w} not in the vocabulary"))
+            })
+            .collect();
+        let sentence = "The quick brown fox jumps over the lazy dog.";
+        assert_eq!(file.ids(sentence), expected);
+        assert_eq!(t.count(sentence).unwrap(), words.len() as u64);
+        // `count` (encode_fast) and `encode` agree on longer, mixed text.
+        let mixed = "Grüße! 你好，世界。 fn main() { println!(\"{}\", 1 + 2); }\n\n\tend";
+        assert_eq!(t.count(mixed).unwrap(), file.ids(mixed).len() as u64);
+        assert!(t.count(mixed).unwrap() > 10);
+    }
+
+    #[test]
+    fn requests_are_counted_with_a_file_tokenizer() {
+        let t = qwen3();
+        // 3 (message) + 1 ("user") + 2 ("hello world") + 3 (priming).
+        let body = json!({"messages": [{"role": "user", "content": "hello world"}]});
+        assert_eq!(count_request(&t, Operation::ChatCompletions, &body).unwrap().tokens, 9);
+        let body = json!({"prompt": ["Hello, world!", "2024"], "suffix": "hello world"});
+        assert_eq!(
+            count_request(&t, Operation::Completions, &body).unwrap().tokens,
+            4 + 4 + 2
+        );
+        let sentence = "The quick brown fox jumps over the lazy dog. ";
+        let prompt = sentence.repeat(10_240 / sentence.len() + 1);
+        let got = count_request(&t, Operation::Embeddings, &json!({"input": prompt})).unwrap();
+        assert_eq!(got.tokens, file_of(&t).ids(&prompt).len() as u64);
+        assert!((1_500..4_000).contains(&got.tokens), "{}", got.tokens);
+    }
+
+    #[test]
+    fn file_tokenizers_are_cheap_clones_equal_by_content() {
+        let a = qwen3();
+        let b = a.clone();
+        let (Tokenizer::File(fa), Tokenizer::File(fb)) = (&a, &b) else {
+            panic!("not file tokenizers")
+        };
+        assert!(Arc::ptr_eq(fa, fb));
+        // The same bytes under another name are the same tokenizer.
+        let dir = tempfile::tempdir().unwrap();
+        let copy = dir.path().join("copy.json");
+        std::fs::copy(QWEN3_PATH, &copy).unwrap();
+        let c = Tokenizer::from_file(&copy).unwrap();
+        assert_eq!(a, c);
+        assert_ne!(c.name(), a.name());
+        assert_ne!(a, Tokenizer::O200kBase);
+        let debug = format!("{a:?}");
+        assert!(debug.contains(QWEN3_SHA256) && debug.len() < 400, "{debug}");
+    }
+
+    /// A tokenizer.json small enough to check by hand: whitespace-split
+    /// words, with the truncation and padding an encoder model's file has.
+    const WORD_LEVEL: &str = r#"{
+        "version": "1.0",
+        "truncation": {"direction": "Right", "max_length": 2, "strategy": "LongestFirst", "stride": 0},
+        "padding": {"strategy": {"Fixed": 8}, "direction": "Right", "pad_to_multiple_of": null,
+                    "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"},
+        "added_tokens": [],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": {"[PAD]": 0, "[UNK]": 1, "a": 2, "b": 3, "c": 4}, "unk_token": "[UNK]"}
+    }"#;
+
+    #[test]
+    fn truncation_and_padding_in_the_file_do_not_change_the_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, WORD_LEVEL).unwrap();
+        // As the file stands, every text would be 8 tokens.
+        let raw = tokenizers::Tokenizer::from_file(&path).unwrap();
+        assert_eq!(raw.encode("a b c a", false).unwrap().len(), 8);
+        let t = Tokenizer::from_file(&path).unwrap();
+        assert_eq!(t.count("a b c a").unwrap(), 4);
+        assert_eq!(t.count("a zzz").unwrap(), 2, "an unknown word is one [UNK]");
+        assert_eq!(t.count("").unwrap(), 0);
+        assert_eq!(file_of(&t).ids("c b a"), [4, 3, 2]);
+    }
+
+    #[test]
+    fn unreadable_or_invalid_files_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.json");
+        match Tokenizer::from_file(&missing) {
+            Err(TokenError::File { path, .. }) => assert_eq!(path, missing.display().to_string()),
+            other => panic!("{other:?}"),
+        }
+        let bogus = dir.path().join("bogus.json");
+        std::fs::write(&bogus, r#"{"model": {"type": "BPE"}, "oops": true}"#).unwrap();
+        assert!(matches!(Tokenizer::from_file(&bogus), Err(TokenError::File { .. })));
+        std::fs::write(&bogus, "not json").unwrap();
+        let err = Tokenizer::from_file(&bogus).unwrap_err();
+        assert!(err.to_string().contains("bogus.json"), "{err}");
+    }
+
+    #[test]
+    fn hostile_text_through_a_file_tokenizer_is_counted_or_an_error() {
+        // Long runs that stress the pre-tokenizer's regex and the BPE.
+        let t = qwen3();
+        for text in [" ".repeat(64 << 10), "a".repeat(64 << 10), "\n".repeat(64 << 10)] {
+            match t.count(&text) {
+                Ok(n) => assert!(n > 0),
+                Err(e) => assert!(matches!(e, TokenError::Encode(_)), "{e}"),
+            }
         }
     }
 }

@@ -490,7 +490,7 @@ async fn demo_prints_commands_that_work() {
     assert!(text.contains(&format!("gateway      http://{gateway}")), "{text}");
     assert!(text.contains(&format!("http://{admin}/metrics")), "{text}");
     let commands: Vec<&String> = banner.iter().filter(|l| l.starts_with("curl ")).collect();
-    assert_eq!(commands.len(), 7, "{text}");
+    assert_eq!(commands.len(), 9, "{text}");
 
     let mut outputs = Vec::new();
     for command in &commands {
@@ -511,7 +511,42 @@ async fn demo_prints_commands_that_work() {
         outputs.push((code.trim().to_owned(), body.to_owned()));
     }
     let codes: Vec<&str> = outputs.iter().map(|(c, _)| c.as_str()).collect();
-    assert_eq!(codes, ["200", "200", "401", "403", "200", "200", "403"], "{outputs:#?}");
+    assert_eq!(
+        codes,
+        ["200", "200", "401", "403", "200", "200", "403", "429", "200"],
+        "{outputs:#?}"
+    );
+    // The budget refusal is OpenAI's insufficient_quota, and never retried.
+    assert!(
+        outputs[7].1.contains("\"code\":\"insufficient_quota\""),
+        "{}",
+        outputs[7].1
+    );
+    assert!(
+        outputs[7].1.to_ascii_lowercase().contains("x-should-retry: false"),
+        "{}",
+        outputs[7].1
+    );
+    // The ledger has acme's chat usage of today.
+    let usage: Value = serde_json::from_str(&outputs[8].1).unwrap();
+    let rows = usage["data"].as_array().unwrap();
+    assert!(
+        rows.iter()
+            .any(|r| r["tenant"] == "acme" && r["model"] == "demo-chat" && r["requests"].as_u64() >= Some(2)),
+        "{usage}"
+    );
+
+    // The printed rate-limit loop shows the headers, then a 429 with Retry-After.
+    let loop_command = banner
+        .iter()
+        .skip_while(|l| !l.starts_with("# 10."))
+        .find(|l| l.starts_with("for "))
+        .unwrap_or_else(|| panic!("no rate-limit loop in {text}"));
+    let looped = Command::new("sh").arg("-c").arg(loop_command).output().await.unwrap();
+    let looped = String::from_utf8_lossy(&looped.stdout).to_ascii_lowercase();
+    assert!(looped.contains("x-ratelimit-remaining-requests: 4"), "{looped}");
+    assert!(looped.contains(" 429"), "{looped}");
+    assert!(looped.contains("retry-after: "), "{looped}");
     assert!(
         outputs[6].1.contains("tenant_not_allowed") || outputs[6].1.contains("globex"),
         "{}",
