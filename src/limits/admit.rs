@@ -41,7 +41,8 @@ pub struct Limiter {
 impl std::fmt::Debug for Limiter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Limiter")
-            .field("shared", &self.shared.as_ref().map(|(s, _)| &s.url))
+            // Not the URL: it may carry a password.
+            .field("shared", &self.shared.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -189,10 +190,31 @@ fn ledger_day(now: jiff::Timestamp) -> String {
 }
 
 impl Limiter {
-    /// A limiter on `settings`' Redis, or in memory only.
+    /// A limiter on `settings`' Redis, or in memory only. A Redis that
+    /// cannot be reached now does not stop the gateway: it is connected to
+    /// when it comes up, and until then each rule follows its fail mode
+    /// (logged here, counted per request).
     pub async fn new(settings: Option<&RedisSettings>) -> Result<Limiter, super::redis::RedisStoreError> {
         let shared = match settings {
-            Some(s) => Some((s.clone(), RedisStore::connect(&s.url, &s.prefix).await?)),
+            Some(s) => {
+                let store = match tokio::time::timeout(
+                    s.timeout.max(Duration::from_secs(1)),
+                    RedisStore::connect(&s.url, &s.prefix),
+                )
+                .await
+                {
+                    Ok(Ok(store)) => store,
+                    failed => {
+                        let reason = match failed {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => "timed out".to_owned(),
+                        };
+                        tracing::warn!(error = %reason, "the limit store cannot be reached: starting anyway; rules follow their fail modes until it can");
+                        RedisStore::connect_lazy(&s.url, &s.prefix)?
+                    }
+                };
+                Some((s.clone(), store))
+            }
             None => None,
         };
         Ok(Limiter {

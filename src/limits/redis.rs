@@ -777,6 +777,14 @@ impl Drop for Handle {
 /// The state of any number of limit keys, and the usage ledger, in Redis,
 /// shared by every instance that uses the same prefix. Clones share one
 /// connection, one settlement queue and one background task.
+/// Reconnects quickly: a decision waits for Redis only as long as the
+/// caller's timeout, and the fail modes cover the rest.
+fn manager_config() -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(1)))
+        .set_number_of_retries(3)
+}
+
 #[derive(Clone)]
 pub struct RedisStore {
     handle: Arc<Handle>,
@@ -794,12 +802,28 @@ impl RedisStore {
             return Err(RedisStoreError::Prefix(prefix.to_owned()));
         }
         let client = redis::Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_number_of_retries(3);
-        let mut conn = ConnectionManager::new_with_config(client, config).await?;
+        let mut conn = ConnectionManager::new_with_config(client, manager_config()).await?;
         let script = Script::new(&script_source());
         script.load_async(&mut conn).await?;
+        Ok(RedisStore::start(conn, prefix, script, 1))
+    }
+
+    /// Like [`RedisStore::connect`], but without reaching Redis now: the
+    /// connection is made on first use (and the script loaded then), so a
+    /// gateway can start while Redis is down and apply its rules' fail
+    /// modes until Redis is back. Fails only on a malformed URL or prefix.
+    pub fn connect_lazy(url: &str, prefix: &str) -> Result<RedisStore, RedisStoreError> {
+        if prefix.is_empty() || prefix.contains(['{', '}']) {
+            return Err(RedisStoreError::Prefix(prefix.to_owned()));
+        }
+        let client = redis::Client::open(url)?;
+        let conn = ConnectionManager::new_lazy_with_config(client, manager_config())?;
+        Ok(RedisStore::start(conn, prefix, Script::new(&script_source()), 0))
+    }
+
+    /// The store over `conn`, with its settlement task started;
+    /// `round_trips` counts those already made (the script load).
+    fn start(conn: ConnectionManager, prefix: &str, script: Script, round_trips: u64) -> RedisStore {
         let instance = uuid::Uuid::now_v7().simple().to_string();
         let shared = Arc::new(Shared {
             conn,
@@ -809,15 +833,14 @@ impl RedisStore {
             queue: Mutex::new(Queue::default()),
             wake: Notify::new(),
             next_seq: AtomicU64::new(1),
-            // The script load.
-            round_trips: AtomicU64::new(1),
+            round_trips: AtomicU64::new(round_trips),
             dropped: AtomicU64::new(0),
         });
         let handle = Arc::new(Handle {
             shared: Arc::clone(&shared),
         });
         tokio::spawn(background(shared, Arc::downgrade(&handle)));
-        Ok(RedisStore { handle })
+        RedisStore { handle }
     }
 
     fn shared(&self) -> &Shared {

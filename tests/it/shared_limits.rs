@@ -343,3 +343,32 @@ async fn redis_stopped_mid_test_each_rule_follows_its_fail_mode() {
         "the fresh Redis count admits"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_starts_while_redis_is_down_and_uses_it_once_it_is_up() {
+    if !machine_redis().await {
+        return;
+    }
+    let port = free_address().port();
+    let upstream = fixed_cost_upstream().await;
+    // Nothing listens on `port` yet.
+    let gw = start_limited(&limited_config(
+        upstream,
+        &shared_limits(&format!("redis://127.0.0.1:{port}"), "late", 1),
+        "      prices: { output: \"$10\" }\n",
+    ))
+    .await;
+    assert_eq!(status_of(&gw, ACME).await.0, StatusCode::OK, "`local` rules admit");
+    let (status, body) = status_of(&gw, GLOBEX).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "`deny` rules refuse: {body}");
+    let _redis = own_redis(port);
+    wait_for_port(port).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while status_of(&gw, GLOBEX).await.0 != StatusCode::OK {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the gateway never reached Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
