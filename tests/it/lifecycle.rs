@@ -375,8 +375,9 @@ async fn sigterm_drains_an_in_flight_stream_then_exits_0() {
 }
 
 async fn run_check(path: &Path) -> (std::process::ExitStatus, String) {
+    // Generous: the annotated example loads a Hugging Face tokenizer.
     let output = timeout(
-        Duration::from_secs(5),
+        Duration::from_secs(30),
         Command::new(WARDEN).arg("check").arg("--config").arg(path).output(),
     )
     .await
