@@ -83,7 +83,15 @@ fn names() -> Names {
 async fn one(limiter: &Arc<Limiter>, config: &Config, names: &Names, body: &mut serde_json::Value, i: usize) {
     let limits = config.limits.as_ref().unwrap();
     let model = &config.models["m"];
-    let est = estimate(limits, &model.limits, Operation::ChatCompletions, false, Some(body)).unwrap();
+    let est = estimate(
+        limits,
+        &model.limits,
+        Operation::ChatCompletions,
+        false,
+        None,
+        Some(body),
+    )
+    .unwrap();
     let subject = Subject {
         principal: &names.keys[i % KEYS],
         api_key: Some(&names.keys[i % KEYS]),
@@ -133,6 +141,7 @@ fn main() {
                 &model.limits,
                 Operation::ChatCompletions,
                 false,
+                None,
                 Some(&mut body),
             )
             .unwrap(),

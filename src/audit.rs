@@ -89,6 +89,8 @@ pub struct AuditRecord<'a> {
     /// Every policy decision: level, result, engine, policy version and
     /// the determining policies.
     pub decisions: &'a [crate::authz::Decision],
+    /// Every input validation check's verdict: check, result, score, reason.
+    pub validation: &'a [crate::validate::stage::Verdict],
     /// Every limit rule's verdict: rule, unit, kind, allowed, cost,
     /// remaining, and `fallback: local` when Redis was unreachable.
     pub limits: &'a [crate::limits::admit::RuleOutcome],
@@ -156,6 +158,7 @@ impl AuditRecord<'_> {
         value(out, ",\"response_bytes\":", &self.response_bytes)?;
         value(out, ",\"data_tenants\":", self.data_tenants)?;
         value(out, ",\"decisions\":", self.decisions)?;
+        value(out, ",\"validation\":", self.validation)?;
         value(out, ",\"limits\":", self.limits)?;
         value(out, ",\"usage\":", &self.usage)?;
         out.push(b'}');
@@ -392,6 +395,7 @@ mod tests {
             response_bytes: u64::MAX,
             data_tenants: tenants,
             decisions,
+            validation: &[],
             limits: &[],
             usage: full.then_some(Usage {
                 prompt_tokens: 9,

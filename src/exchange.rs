@@ -75,6 +75,10 @@ pub struct Exchange {
     pub slot: Option<crate::limits::fair::Slot>,
     /// When the request was sent upstream.
     pub forwarded_at: Option<Instant>,
+    /// Every input validation check's verdict.
+    pub validation: Vec<crate::validate::stage::Verdict>,
+    /// The prompt's tokens, once counted (by validation or limits).
+    pub prompt_tokens: Option<u64>,
 }
 
 /// Largest client-supplied `x-request-id` kept; longer ones are replaced.
@@ -120,6 +124,8 @@ impl Exchange {
             refused_limits: Vec::new(),
             slot: None,
             forwarded_at: None,
+            validation: Vec::new(),
+            prompt_tokens: None,
         }
     }
 
@@ -244,6 +250,7 @@ impl Finisher {
             response_bytes,
             data_tenants: &ex.tenants,
             decisions: &ex.decisions,
+            validation: &ex.validation,
             limits,
             usage,
         });

@@ -130,8 +130,13 @@ impl Runtime {
             _ => Arc::new(AuditLog::open(&config.audit_file).await?),
         };
         let mut clients = HashMap::new();
-        for model in config.models.values() {
-            let up = &model.upstream;
+        // The models' upstreams, and the review upstreams their input
+        // profiles may route to.
+        let reviews = config
+            .models
+            .values()
+            .filter_map(|m| m.validation.profile.as_ref().and_then(|p| p.route_to.as_ref()));
+        for up in config.models.values().map(|m| &m.upstream).chain(reviews) {
             if !clients.contains_key(&up.name) {
                 let client = UpstreamClient::new(up, config.listen.workers)
                     .map_err(|e| BuildError::Client(up.name.clone(), e))?;

@@ -42,3 +42,4 @@ pub mod request;
 pub mod route;
 pub mod server;
 pub mod upstream;
+pub mod validate;

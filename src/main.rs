@@ -107,11 +107,36 @@ enum Command {
         #[arg(long)]
         model: Option<String>,
     },
+    /// Input profiles of tabular models, for out-of-distribution detection.
+    Profile {
+        #[command(subcommand)]
+        action: ProfileAction,
+    },
     /// Check a configuration file and report every error in it.
     Check {
         /// Path of the YAML configuration.
         #[arg(long, short)]
         config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ProfileAction {
+    /// Build a feature profile (ranges, quantiles, vocabularies, mean and
+    /// covariance) from a CSV or JSONL sample of legitimate inputs.
+    Build {
+        /// The sample: `.csv` with a header row, or `.jsonl`.
+        #[arg(long)]
+        input: PathBuf,
+        /// Where to write the profile (JSON).
+        #[arg(long)]
+        output: PathBuf,
+        /// The features to profile, in order (default: every column).
+        #[arg(long, value_delimiter = ',')]
+        features: Option<Vec<String>>,
+        /// Features to treat as categorical even if they look numeric.
+        #[arg(long, value_delimiter = ',')]
+        categorical: Vec<String>,
     },
 }
 
@@ -194,6 +219,40 @@ fn main() -> ExitCode {
         Command::Check { config } => check(&config),
         Command::Keys { config, action } => run(keys(config, action)),
         Command::Policy { config, action } => policy(&config, action),
+        Command::Profile {
+            action:
+                ProfileAction::Build {
+                    input,
+                    output,
+                    features,
+                    categorical,
+                },
+        } => {
+            let options = warden::validate::ood::BuildOptions {
+                features,
+                categorical,
+                ..Default::default()
+            };
+            match warden::validate::ood::build_from_file(&input, &options).and_then(|p| {
+                p.save(&output)?;
+                Ok(p)
+            }) {
+                Ok(p) => {
+                    println!(
+                        "{}: {} features from {} rows, threshold {:.3}",
+                        output.display(),
+                        p.features().len(),
+                        p.sample_rows(),
+                        p.threshold()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Usage {
             config,
             from,

@@ -20,6 +20,7 @@ use crate::request;
 use crate::route::{self, Operation, Route};
 use crate::server::Peer;
 use crate::upstream::{self, AnswerBody, Outbound};
+use crate::validate::stage::{self, Destination};
 
 /// What the stages produced for the client.
 enum Reply {
@@ -116,6 +117,7 @@ async fn life_of_request(
         body = Some((bytes, json));
     }
     let (model, permit) = endpoint.ok_or_else(|| Reject::UnknownRoute(ex.path.clone()))?;
+    let mut review = false;
 
     let body = match body {
         Some((bytes, mut json)) => {
@@ -127,6 +129,9 @@ async fn life_of_request(
             if route.protocol == Protocol::Openai {
                 ex.stream = request::stream_field(&json)?;
             }
+            // 4 validate: the shape, parameters, context window, injections
+            // and input profile the model accepts.
+            review = validate(&model, route.operation, &json, ex)? == Destination::Review;
             // 5 authorize: tenant. Which data partitions the payload touches,
             // each decided on its own.
             if let Some(source) = &model.tenant {
@@ -168,18 +173,21 @@ async fn life_of_request(
         ex.slot = Some(slot);
     }
 
-    // 7 forward.
-    let client = rt
-        .clients
-        .get(&model.upstream.name)
-        .ok_or(Reject::UpstreamUnreachable)?;
+    // 7 forward: to the model, or to its review upstream when the input
+    // profile says so.
+    let upstream = match (&model.validation.profile, review) {
+        (Some(p), true) => p.route_to.as_ref().unwrap_or(&model.upstream),
+        _ => &model.upstream,
+    };
+    ex.upstream = Some(upstream.name.clone());
+    let client = rt.clients.get(&upstream.name).ok_or(Reject::UpstreamUnreachable)?;
     if let Some(admission) = &mut ex.admission {
         admission.forwarded();
     }
     ex.forwarded_at = Some(std::time::Instant::now());
     let answer = upstream::forward(
         &permit,
-        &model.upstream,
+        upstream,
         client,
         Outbound {
             method: parts.method.clone(),
@@ -199,6 +207,58 @@ async fn life_of_request(
     Ok(Reply::Upstream(answer))
 }
 
+/// 4 validate: the OpenAI shapes (or the model's own schema), parameter
+/// policy, context window and prompt injection for OpenAI routes; injection
+/// and the input profile for OIP v2 inference. Counts the prompt's tokens
+/// only when the context window needs them, and keeps the count for the
+/// limits stage.
+fn validate(
+    model: &ModelEndpoint,
+    operation: Operation,
+    json: &serde_json::Value,
+    ex: &mut Exchange,
+) -> Result<Destination, Reject> {
+    let settings = &model.validation;
+    match model.protocol {
+        Protocol::Openai => {
+            let output = crate::limits::cost::output_estimate(operation, json, model.limits.default_max_tokens)
+                .map_err(|e| Reject::InvalidRequest {
+                    param: Some("max_tokens".to_owned()),
+                    message: e.to_string(),
+                    code: "invalid_value",
+                })?;
+            let mut counted = None;
+            let result = stage::check_openai(
+                settings,
+                operation,
+                json,
+                || {
+                    let n = count_prompt(model, operation, json)?;
+                    counted = Some(n);
+                    Ok(n)
+                },
+                output,
+                &mut ex.validation,
+            );
+            ex.prompt_tokens = counted;
+            result.map(|()| Destination::Model)
+        }
+        Protocol::OipV2 if operation == Operation::Infer => stage::check_oip(settings, json, &mut ex.validation),
+        Protocol::OipV2 => Ok(Destination::Model),
+    }
+}
+
+/// The prompt's tokens, with the model's tokenizer.
+fn count_prompt(model: &ModelEndpoint, operation: Operation, json: &serde_json::Value) -> Result<u64, Reject> {
+    crate::limits::tokens::count_request(&model.limits.tokenizer, operation, json)
+        .map(|c| c.tokens)
+        .map_err(|e| Reject::InvalidRequest {
+            param: None,
+            message: e.to_string(),
+            code: "invalid_value",
+        })
+}
+
 /// 6 admit: estimates the request, reserves the estimate against every
 /// rule that applies, and keeps the reservation in the exchange to be
 /// settled when it finishes. Returns whether the body was changed.
@@ -213,7 +273,7 @@ async fn admit(
 ) -> Result<bool, Reject> {
     use crate::limits::admit::RefusalReason;
     let Some(limiter) = &rt.limiter else { return Ok(false) };
-    let estimate = crate::limits::admit::estimate(limits, &model.limits, operation, ex.stream, body)?;
+    let estimate = crate::limits::admit::estimate(limits, &model.limits, operation, ex.stream, ex.prompt_tokens, body)?;
     let subject = crate::limits::rules::Subject {
         principal: identity.principal(),
         api_key: identity.credential_id(),

@@ -129,6 +129,39 @@ pub enum Reject {
     /// The shared limit store cannot be reached and a rule fails closed.
     #[error("limits cannot be checked right now: try again shortly")]
     LimitsUnavailable(String),
+    /// The request does not have the shape the model accepts, or breaks its
+    /// parameter policy.
+    #[error("{message}")]
+    InvalidRequest {
+        /// The JSON path of the field at fault.
+        param: Option<String>,
+        /// What is wrong.
+        message: String,
+        /// OpenAI's `code` for it.
+        code: &'static str,
+    },
+    /// Prompt and output would not fit the model's context window.
+    #[error(
+        "This model's maximum context length is {window} tokens. However, you requested {total} tokens ({prompt} in the messages, {output} in the completion). Please reduce the length of the messages or completion.",
+        total = prompt.saturating_add(*output)
+    )]
+    ContextLengthExceeded {
+        /// The window.
+        window: u64,
+        /// Prompt tokens counted.
+        prompt: u64,
+        /// Output tokens asked for.
+        output: u64,
+    },
+    /// A text the model would read looks like a prompt injection.
+    #[error("the request was refused: the text at `{0}` looks like a prompt injection")]
+    PromptInjection(String),
+    /// Rows of a tabular request lie outside the model's input profile.
+    #[error("{0}")]
+    OutOfDistribution(String),
+    /// The OIP v2 inputs do not match what the model takes.
+    #[error("invalid inputs: {0}")]
+    InvalidOipInput(String),
     /// A streamed response outgrew the output tokens reserved for it.
     #[error("the response exceeded the {0} output tokens reserved for it and was cut off")]
     OutputLimitExceeded(u64),
@@ -189,7 +222,13 @@ impl Reject {
             | Reject::TenantHeaderNotAllowed(_)
             | Reject::TenantNotAllowed(_)
             | Reject::ActionDenied(_) => StatusCode::FORBIDDEN,
-            Reject::TenantMissing(_) | Reject::TenantInvalid(_) => StatusCode::BAD_REQUEST,
+            Reject::TenantMissing(_)
+            | Reject::TenantInvalid(_)
+            | Reject::InvalidRequest { .. }
+            | Reject::ContextLengthExceeded { .. }
+            | Reject::PromptInjection(_)
+            | Reject::OutOfDistribution(_)
+            | Reject::InvalidOipInput(_) => StatusCode::BAD_REQUEST,
             Reject::TooManyAuthFailures(_) | Reject::RateLimited(_) | Reject::QuotaExceeded(_) => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -249,6 +288,11 @@ impl Reject {
             Reject::AtCapacity { .. } => "model_at_capacity",
             Reject::LimitsUnavailable(_) => "limits_unavailable",
             Reject::OutputLimitExceeded(_) => "output_limit_exceeded",
+            Reject::InvalidRequest { code, .. } => code,
+            Reject::ContextLengthExceeded { .. } => "context_length_exceeded",
+            Reject::PromptInjection(_) => "prompt_injection_detected",
+            Reject::OutOfDistribution(_) => "input_out_of_distribution",
+            Reject::InvalidOipInput(_) => "invalid_inputs",
         }
     }
 
@@ -272,9 +316,12 @@ impl Reject {
     }
 
     /// The request field at fault, when there is one.
-    fn param(&self) -> Option<&'static str> {
+    fn param(&self) -> Option<&str> {
         match self {
             Reject::InvalidField { param, .. } => Some(param),
+            Reject::InvalidRequest { param, .. } => param.as_deref(),
+            Reject::PromptInjection(place) => Some(place),
+            Reject::ContextLengthExceeded { .. } => Some("messages"),
             Reject::ModelNotFound(_) | Reject::ModelNotAllowed(_) | Reject::PolicyDenied(_) => Some("model"),
             _ => None,
         }

@@ -55,17 +55,22 @@ where
     }
 }
 
-/// Parses a JSON object body, refusing nesting deeper than `max_depth`
-/// before the parser ever recurses into it.
+/// Parses a JSON object body, the one parse of a request: strictly
+/// ([`crate::validate::hygiene`]: no duplicate keys, lone surrogates,
+/// non-finite numbers, nesting deeper than `max_depth`, oversized strings
+/// or element counts).
 pub fn parse_json_object(bytes: &[u8], max_depth: usize) -> Result<Value, Reject> {
-    if json_depth(bytes) > max_depth {
-        return Err(Reject::JsonTooDeep(max_depth));
-    }
-    let value: Value = serde_json::from_slice(bytes).map_err(|e| Reject::InvalidJson(e.to_string()))?;
-    if !value.is_object() {
-        return Err(Reject::InvalidJson("the body must be a JSON object".to_owned()));
-    }
-    Ok(value)
+    use crate::validate::hygiene::{HygieneError, HygieneLimits, parse_strict};
+    parse_strict(bytes, &HygieneLimits::with_max_depth(max_depth)).map_err(|e| match e {
+        HygieneError::NotAnObject { .. } => Reject::InvalidJson("the body must be a JSON object".to_owned()),
+        HygieneError::TooDeep { .. } => Reject::JsonTooDeep(max_depth),
+        HygieneError::Syntax { .. } => Reject::InvalidJson(e.to_string()),
+        other => Reject::InvalidRequest {
+            param: other.param(),
+            message: other.to_string(),
+            code: other.code(),
+        },
+    })
 }
 
 /// The deepest nesting of arrays and objects in a JSON text, counted without

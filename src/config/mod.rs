@@ -6,6 +6,7 @@
 
 mod limits;
 pub mod raw;
+mod validation;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -348,6 +349,8 @@ pub struct ModelEndpoint {
     pub auth_methods: Option<Vec<crate::authn::AuthMethod>>,
     /// How its requests are counted and priced for limits.
     pub limits: crate::limits::rules::ModelLimits,
+    /// What its requests must look like.
+    pub validation: crate::validate::stage::ModelValidation,
 }
 
 /// Where a request names the tenant it touches.
@@ -1230,6 +1233,7 @@ fn check_model(
         );
     }
     let limits = limits::check_model_limits(raw.limits.as_ref(), path, base, errs);
+    let validation = validation::check_validation(raw.validation.as_ref(), path, base, protocol, upstreams, errs);
     if errs.0.len() != before {
         return None;
     }
@@ -1244,6 +1248,7 @@ fn check_model(
         tenant,
         auth_methods,
         limits,
+        validation,
     })
 }
 

@@ -534,6 +534,86 @@ pub struct RawModel {
     /// Tokenizer, prices, output reservation and capacity, for limits.
     #[serde(default)]
     pub limits: Option<RawModelLimits>,
+    /// What requests to this model must look like before it sees them.
+    #[serde(default)]
+    pub validation: Option<RawValidation>,
+}
+
+/// Input validation for one model (`models[].validation`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawValidation {
+    /// Prompt plus `max_tokens` may not exceed this many tokens (counted
+    /// with `limits.tokenizer`); 400 `context_length_exceeded` otherwise.
+    #[serde(default)]
+    pub context_window: Option<u64>,
+    /// Caps and forbidden parameters.
+    #[serde(default)]
+    pub params: Option<RawParamPolicy>,
+    /// A JSON Schema file every request body must satisfy (custom JSON models).
+    #[serde(default)]
+    pub schema: Option<String>,
+    /// Prompt-injection detection on every text the model would read.
+    #[serde(default)]
+    pub injection: Option<RawInjection>,
+    /// Out-of-distribution detection for a tabular (OIP v2) model.
+    #[serde(default)]
+    pub profile: Option<RawProfile>,
+}
+
+/// A tabular model's feature profile and what to do with rows outside it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProfile {
+    /// The profile (`warden profile build`), relative to this file.
+    pub file: String,
+    /// `block` (400), `flag` (recorded only) or `route` (sent to
+    /// `route_to` instead). Default `block`.
+    #[serde(default)]
+    pub action: Option<String>,
+    /// The upstream that reviews out-of-profile requests, with `route`.
+    #[serde(default)]
+    pub route_to: Option<String>,
+    /// Overrides the profile's distance threshold.
+    #[serde(default)]
+    pub threshold: Option<f64>,
+}
+
+/// Per-model parameter policy.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawParamPolicy {
+    /// Largest `max_tokens` / `max_completion_tokens`.
+    #[serde(default)]
+    pub max_tokens: Option<u64>,
+    /// Largest `n`.
+    #[serde(default)]
+    pub max_n: Option<u64>,
+    /// Most `tools`.
+    #[serde(default)]
+    pub max_tools: Option<usize>,
+    /// Most `messages`.
+    #[serde(default)]
+    pub max_messages: Option<usize>,
+    /// Parameters refused when set, e.g. `[logprobs, top_logprobs]`.
+    #[serde(default)]
+    pub forbidden: Vec<String>,
+    /// `response_format.type`s allowed, e.g. `[text, json_object]`.
+    #[serde(default)]
+    pub response_formats: Option<Vec<String>>,
+}
+
+/// Prompt-injection detection settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInjection {
+    /// `block` (400) or `flag` (recorded only). Default `block`.
+    #[serde(default)]
+    pub action: Option<String>,
+    /// Classifier score from which a text is an injection (0–1); default
+    /// the shipped model's calibrated threshold.
+    #[serde(default)]
+    pub threshold: Option<f32>,
 }
 
 /// Where a request names its tenant.

@@ -594,7 +594,8 @@ pub struct Estimate {
 }
 
 /// Estimates what `body` (an OpenAI request for `operation`, or `None` for
-/// a request counted only as a request) will cost on `model`. Tokens are
+/// a request counted only as a request) will cost on `model`;
+/// `prompt_tokens` is the prompt's count when already known. Tokens are
 /// counted only when some rule counts tokens or dollars; then a request
 /// that sets no output limit gets the model's default written into it, so
 /// that the upstream stops where the reservation assumed, and a stream is
@@ -604,6 +605,7 @@ pub fn estimate(
     model: &super::rules::ModelLimits,
     operation: crate::route::Operation,
     stream: bool,
+    prompt_tokens: Option<u64>,
     body: Option<&mut serde_json::Value>,
 ) -> Result<Estimate, crate::reject::Reject> {
     use crate::reject::Reject;
@@ -626,12 +628,18 @@ pub fn estimate(
                 Operation::Completions => "prompt",
                 _ => "input",
             };
-            let count =
-                super::tokens::count_request(&model.tokenizer, operation, body).map_err(|e| Reject::InvalidField {
-                    param,
-                    message: e.to_string(),
-                })?;
-            demand.input_tokens = count.tokens;
+            // Counted once: validation may have done it already.
+            demand.input_tokens = match prompt_tokens {
+                Some(n) => n,
+                None => {
+                    super::tokens::count_request(&model.tokenizer, operation, body)
+                        .map_err(|e| Reject::InvalidField {
+                            param,
+                            message: e.to_string(),
+                        })?
+                        .tokens
+                }
+            };
             let bad_limit = |e: super::cost::MaxTokensError| Reject::InvalidField {
                 param: "max_tokens",
                 message: e.to_string(),

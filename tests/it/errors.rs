@@ -117,7 +117,7 @@ async fn rejections_have_exact_status_and_body() {
             content_type: "application/json",
             body: r#"{"model": "demo-chat", "messages": [}"#.to_owned(),
             status: StatusCode::BAD_REQUEST,
-            expected: r#"{"error":{"message":"invalid JSON body: expected value at line 1 column 37","type":"invalid_request_error","param":null,"code":"invalid_json"}}"#,
+            expected: r#"{"error":{"message":"invalid JSON body: expected a value at line 1 column 37 at 'messages[0]'","type":"invalid_request_error","param":null,"code":"invalid_json"}}"#,
         },
         Case {
             name: "too deep",

@@ -25,3 +25,4 @@ mod streaming;
 mod tenant;
 mod upstream_failures;
 mod upstream_pool;
+mod validation;

@@ -448,7 +448,7 @@ async fn a_flooding_tenant_does_not_starve_a_normal_one() {
     };
     let (flood_rate, _) = summary("flood", &flood_results);
     let (normal_rate, normal_p99) = summary("normal", &normal_results);
-    assert!(normal_results.len() > 40, "the normal tenant kept sending");
+    assert!(normal_results.len() >= 20, "the normal tenant kept sending");
     assert!(normal_rate >= 0.95, "normal tenant success {normal_rate}");
     assert!(flood_rate > 0.0, "the flood is served its share");
     // Printed above; bounded here only by the queue timeout, since timing

@@ -1,0 +1,6 @@
+pub mod hygiene;
+pub mod injection;
+pub mod ood;
+pub mod openai;
+pub mod params;
+pub mod stage;

@@ -1,0 +1,648 @@
+//! Trains warden's prompt-injection classifier: L2-regularised logistic
+//! regression (AdaGrad SGD) over the hashed n-gram features of
+//! `src/validate/injection/features.rs`, on the `train` split of the
+//! prompt-injection development set, without the `llmail-inject` rows.
+//!
+//! ```sh
+//! cargo run --release --manifest-path tools/train_injection/Cargo.toml \
+//!     --target-dir target/train_injection -- \
+//!     --data /work/shared/data/prompt-injection/dev.jsonl --out models/injection
+//! ```
+//!
+//! Steps:
+//! 1. every training row is turned into views exactly as the detector does
+//!    (`normalize::views`); each view is one training instance with the
+//!    row's label; long benign views also add their windows as benign
+//!    instances (the detector scores windows too);
+//! 2. rows are grouped (rows sharing a word 8-gram, e.g. an attack and its
+//!    mechanical rewrites, or template documents, form one group) and
+//!    hyperparameters are chosen by 5-fold grouped cross-validation on
+//!    out-of-fold TPR at 1% FPR;
+//! 3. the decision threshold is chosen on the out-of-fold scores of the
+//!    chosen configuration so that (score >= threshold OR a rule matched)
+//!    flags at most 1% of benign training rows;
+//! 4. the final model is trained on all training rows, quantised to i8 and
+//!    written to `model.bin` with a JSON header; `sample.jsonl` holds a fixed
+//!    sample of training rows with the scores this program computed for
+//!    them, which warden's tests check the embedded model reproduces.
+//!
+//! Deterministic: the same data gives the same bytes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../../src/validate/injection/features.rs"]
+#[allow(dead_code)]
+mod features;
+#[path = "../../src/validate/injection/normalize.rs"]
+#[allow(dead_code)]
+mod normalize;
+#[path = "../../src/validate/injection/rules.rs"]
+#[allow(dead_code)]
+mod rules;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use features::{BUCKETS, Linear, Scratch};
+
+/// Rows from this source are never used (licence not confirmed).
+const EXCLUDED_SOURCES: &[&str] = &["prompt-armor-0.9.1:llmail-inject"];
+const FOLDS: usize = 5;
+const TARGET_FPR: f64 = 0.01;
+const LEARNING_RATE: f32 = 0.2;
+const SAMPLE_PER_CLASS: usize = 20;
+
+struct Row {
+    id: String,
+    text: String,
+    injection: bool,
+    source: String,
+    /// Feature vectors of the row's views (L2-normalised, sparse).
+    views: Vec<Vec<(u32, f32)>>,
+    /// Windows of the row's long views.
+    windows: Vec<Vec<(u32, f32)>>,
+    /// Rule ids matched on any view or by the signals.
+    rules: Vec<&'static str>,
+    group: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Params {
+    lambda: f32,
+    epochs: usize,
+    benign_weight: f32,
+    /// Synthetic long benign documents (see `synthetic_benign`).
+    synthetic: usize,
+    /// Their total weight, relative to one benign row each.
+    synthetic_weight: f32,
+}
+
+struct Model {
+    weights: Vec<f32>,
+    bias: f32,
+}
+
+struct Quantised {
+    weights: Vec<u8>,
+    scale: f32,
+    bias: f32,
+}
+
+impl Quantised {
+    fn linear(&self) -> Linear<'_> {
+        Linear { weights: &self.weights, scale: self.scale, bias: self.bias }
+    }
+}
+
+fn vector(text: &str, scratch: &mut Scratch) -> Vec<(u32, f32)> {
+    let mut v = Vec::new();
+    features::for_each_feature(text, scratch, |b, x| v.push((b as u32, x)));
+    v
+}
+
+/// xorshift64*: a small deterministic generator for shuffling.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = (self.next() % (i as u64 + 1)) as usize;
+            v.swap(i, j);
+        }
+    }
+}
+
+fn sigmoid(z: f32) -> f32 {
+    features::sigmoid(z)
+}
+
+/// One training example: one or more candidate vectors (a row's views and
+/// their windows). Benign examples push every candidate down; injection
+/// examples push up the candidate that scores highest (multiple-instance
+/// learning with max pooling, as the detector takes the highest score), so
+/// that the benign parts of a long document with one injected sentence are
+/// not learned as injection.
+struct Example<'a> {
+    candidates: Vec<&'a [(u32, f32)]>,
+    injection: bool,
+    weight: f32,
+}
+
+fn examples<'a>(rows: &'a [Row], use_row: &[bool], synthetic: &'a [Vec<Vec<(u32, f32)>>], p: Params) -> Vec<Example<'a>> {
+    let pos = rows.iter().zip(use_row).filter(|(r, u)| **u && r.injection).count() as f32;
+    let neg = rows.iter().zip(use_row).filter(|(r, u)| **u && !r.injection).count() as f32;
+    let total = pos + neg;
+    let w_pos = total / (2.0 * pos);
+    let w_neg = total / (2.0 * neg) * p.benign_weight;
+    let mut out = Vec::new();
+    for (r, &used) in rows.iter().zip(use_row) {
+        if !used {
+            continue;
+        }
+        if r.injection {
+            let candidates = r.views.iter().chain(&r.windows).map(Vec::as_slice).collect();
+            out.push(Example { candidates, injection: true, weight: w_pos });
+        } else {
+            for v in &r.views {
+                out.push(Example { candidates: vec![v], injection: false, weight: w_neg });
+            }
+            let n = r.windows.len() as f32;
+            for v in &r.windows {
+                out.push(Example { candidates: vec![v], injection: false, weight: w_neg / n.max(1.0) });
+            }
+        }
+    }
+    for doc in synthetic {
+        let n = doc.len() as f32;
+        for v in doc {
+            out.push(Example { candidates: vec![v], injection: false, weight: w_neg * p.synthetic_weight / n });
+        }
+    }
+    out
+}
+
+/// Long benign documents built by joining benign training rows (of the
+/// rows in use only), so that the model sees long benign text: the data's
+/// benign rows are mostly short and its injections mostly long. Each
+/// document is its vector and its windows' vectors.
+fn synthetic_benign(rows: &[Row], use_row: &[bool], count: usize, scratch: &mut Scratch) -> Vec<Vec<Vec<(u32, f32)>>> {
+    let mut benign: Vec<&str> = rows.iter().zip(use_row).filter(|(r, u)| **u && !r.injection).map(|(r, _)| r.text.as_str()).collect();
+    let mut rng = Rng(0x5eed_0f_be_91_9e);
+    rng.shuffle(&mut benign);
+    let mut out = Vec::with_capacity(count);
+    let mut at = 0;
+    for _ in 0..count {
+        let target = 200 + (rng.next() % 1800) as usize;
+        let mut doc = String::new();
+        while doc.len() < target && !benign.is_empty() {
+            if !doc.is_empty() {
+                doc.push_str(if rng.next() % 2 == 0 { " " } else { "\n\n" });
+            }
+            doc.push_str(benign[at % benign.len()]);
+            at += 1;
+        }
+        let canon = normalize::canonical(&doc);
+        let mut vectors = Vec::new();
+        features::for_each_window(&canon, |part| vectors.push(vector(part, scratch)));
+        out.push(vectors);
+    }
+    out
+}
+
+fn train(rows: &[Row], use_row: &[bool], p: Params, scratch: &mut Scratch) -> Model {
+    let synthetic = synthetic_benign(rows, use_row, p.synthetic, scratch);
+    let inst = examples(rows, use_row, &synthetic, p);
+    let mut w = vec![0.0f32; BUCKETS];
+    let mut g2 = vec![0.0f32; BUCKETS];
+    let mut b = 0.0f32;
+    let mut gb2 = 0.0f32;
+    let mut order: Vec<usize> = (0..inst.len()).collect();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for _ in 0..p.epochs {
+        rng.shuffle(&mut order);
+        for &i in &order {
+            let e = &inst[i];
+            let dot = |x: &[(u32, f32)]| x.iter().map(|&(j, v)| w[j as usize] * v).sum::<f32>();
+            let (x, z) = e
+                .candidates
+                .iter()
+                .map(|x| (*x, b + dot(x)))
+                .max_by(|a, c| a.1.total_cmp(&c.1))
+                .expect("an example has a candidate");
+            let y = if e.injection { 1.0 } else { 0.0 };
+            let err = (sigmoid(z) - y) * e.weight;
+            for &(j, v) in x {
+                let j = j as usize;
+                let g = err * v + p.lambda * w[j];
+                g2[j] += g * g;
+                w[j] -= LEARNING_RATE * g / (g2[j].sqrt() + 1e-8);
+            }
+            gb2 += err * err;
+            b -= LEARNING_RATE * err / (gb2.sqrt() + 1e-8);
+        }
+    }
+    Model { weights: w, bias: b }
+}
+
+fn quantise(m: &Model) -> Quantised {
+    let max = m.weights.iter().fold(0.0f32, |a, w| a.max(w.abs()));
+    let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+    let weights = m.weights.iter().map(|w| ((w / scale).round().clamp(-127.0, 127.0) as i8) as u8).collect();
+    Quantised { weights, scale, bias: m.bias }
+}
+
+/// A row's score exactly as the detector computes it: the highest
+/// probability over the row's views, each view scored whole and in windows.
+fn row_score(q: &Quantised, text: &str, scratch: &mut Scratch) -> f32 {
+    let linear = q.linear();
+    normalize::views(text)
+        .views
+        .iter()
+        .map(|v| features::sigmoid(linear.logit(&v.text, scratch)))
+        .fold(0.0f32, f32::max)
+}
+
+fn row_rules(text: &str) -> Vec<&'static str> {
+    let v = normalize::views(text);
+    let mut out = Vec::new();
+    for view in &v.views {
+        rules::match_text(&view.text, &mut out);
+    }
+    rules::match_signals(&v.signals, &mut out);
+    out
+}
+
+struct Union(Vec<usize>);
+
+impl Union {
+    fn find(&mut self, x: usize) -> usize {
+        let mut r = x;
+        while self.0[r] != r {
+            r = self.0[r];
+        }
+        let mut x = x;
+        while self.0[x] != r {
+            let next = self.0[x];
+            self.0[x] = r;
+            x = next;
+        }
+        r
+    }
+    fn join(&mut self, a: usize, b: usize) {
+        let (a, b) = (self.find(a), self.find(b));
+        if a != b {
+            self.0[a.max(b)] = a.min(b);
+        }
+    }
+}
+
+/// Groups rows that share a word 8-gram of their canonical text.
+fn groups(texts: &[String]) -> Vec<usize> {
+    let mut u = Union((0..texts.len()).collect());
+    let mut first: HashMap<Vec<&str>, usize> = HashMap::new();
+    for (i, t) in texts.iter().enumerate() {
+        let words: Vec<&str> = t.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).collect();
+        if words.len() < 8 {
+            // Short texts: the whole word sequence is the key.
+            match first.get(&words) {
+                Some(&j) => u.join(i, j),
+                None => {
+                    first.insert(words, i);
+                }
+            }
+            continue;
+        }
+        for g in words.windows(8) {
+            match first.get(g) {
+                Some(&j) => u.join(i, j),
+                None => {
+                    first.insert(g.to_vec(), i);
+                }
+            }
+        }
+    }
+    (0..texts.len()).map(|i| u.find(i)).collect()
+}
+
+fn fnv(s: &[u8]) -> u64 {
+    s.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+/// Area under the ROC curve (ties count half).
+fn auc(scores: &[(f32, bool)]) -> f64 {
+    let mut s: Vec<(f32, bool)> = scores.to_vec();
+    s.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (mut rank_sum, mut i) = (0.0f64, 0usize);
+    while i < s.len() {
+        let mut j = i;
+        while j < s.len() && s[j].0 == s[i].0 {
+            j += 1;
+        }
+        let avg = (i + j + 1) as f64 / 2.0; // ranks are 1-based
+        rank_sum += avg * s[i..j].iter().filter(|x| x.1).count() as f64;
+        i = j;
+    }
+    let pos = s.iter().filter(|x| x.1).count() as f64;
+    let neg = s.len() as f64 - pos;
+    (rank_sum - pos * (pos + 1.0) / 2.0) / (pos * neg)
+}
+
+/// The best operating point with FPR <= `target`: rows flagged by a rule are
+/// always positive; others are positive when score >= threshold. Returns
+/// (threshold, tpr, fpr).
+fn operating_point(rows: &[(f32, bool, bool)], target: f64) -> (f32, f64, f64) {
+    let benign: Vec<&(f32, bool, bool)> = rows.iter().filter(|r| !r.1).collect();
+    let injections = rows.len() - benign.len();
+    let allowed = (target * benign.len() as f64).floor() as usize;
+    let ruled = benign.iter().filter(|r| r.2).count();
+    let mut free: Vec<f32> = benign.iter().filter(|r| !r.2).map(|r| r.0).collect();
+    free.sort_by(|a, b| b.total_cmp(a));
+    let threshold = if ruled > allowed {
+        f32::INFINITY
+    } else {
+        let k = allowed - ruled;
+        match (k.checked_sub(1).and_then(|i| free.get(i)), free.get(k)) {
+            (_, None) => 0.0,
+            (None, Some(&next)) => next_up(next),
+            (Some(&last_allowed), Some(&next)) => {
+                if last_allowed > next {
+                    // Midway between the last allowed and the first excluded.
+                    let mid = next + (last_allowed - next) / 2.0;
+                    if mid > next { mid } else { next_up(next) }
+                } else {
+                    next_up(next)
+                }
+            }
+        }
+    };
+    let tp = rows.iter().filter(|r| r.1 && (r.2 || r.0 >= threshold)).count();
+    let fp = benign.iter().filter(|r| r.2 || r.0 >= threshold).count();
+    (threshold, tp as f64 / injections as f64, fp as f64 / benign.len() as f64)
+}
+
+fn next_up(x: f32) -> f32 {
+    if x >= 1.0 { f32::INFINITY } else { f32::from_bits(x.to_bits() + 1) }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+fn main() {
+    let mut data = PathBuf::from("/work/shared/data/prompt-injection/dev.jsonl");
+    let mut out = PathBuf::from("models/injection");
+    let mut quick = false;
+    let mut dump: Option<PathBuf> = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--data" => data = args.next().expect("--data PATH").into(),
+            "--out" => out = args.next().expect("--out DIR").into(),
+            "--quick" => quick = true,
+            "--dump-oof" => dump = Some(args.next().expect("--dump-oof PATH").into()),
+            other => panic!("unknown argument {other} (expected --data PATH, --out DIR, --quick)"),
+        }
+    }
+    let raw = std::fs::read(&data).unwrap_or_else(|e| panic!("reading {}: {e}", data.display()));
+    let data_sha = hex(&Sha256::digest(&raw));
+    let text = std::str::from_utf8(&raw).expect("UTF-8");
+    let mut used_lines = Sha256::new();
+    let mut rows: Vec<Row> = Vec::new();
+    let mut excluded = 0usize;
+    let mut scratch = Scratch::default();
+    for line in text.lines() {
+        let v: Value = serde_json::from_str(line).expect("JSON line");
+        if v["split"] != "train" {
+            continue;
+        }
+        let source = v["source"].as_str().expect("source").to_owned();
+        if EXCLUDED_SOURCES.contains(&source.as_str()) {
+            excluded += 1;
+            continue;
+        }
+        used_lines.update(line.as_bytes());
+        used_lines.update(b"\n");
+        let text = v["text"].as_str().expect("text").to_owned();
+        let injection = match v["label"].as_str() {
+            Some("injection") => true,
+            Some("benign") => false,
+            other => panic!("label {other:?}"),
+        };
+        let views = normalize::views(&text);
+        let vectors: Vec<Vec<(u32, f32)>> = views.views.iter().map(|w| vector(&w.text, &mut scratch)).collect();
+        let mut windows = Vec::new();
+        {
+            for w in &views.views {
+                let mut first = true;
+                features::for_each_window(&w.text, |part| {
+                    if !std::mem::take(&mut first) {
+                        windows.push(vector(part, &mut scratch));
+                    }
+                });
+            }
+        }
+        let rules = row_rules(&text);
+        rows.push(Row {
+            id: v["id"].as_str().expect("id").to_owned(),
+            text,
+            injection,
+            source,
+            views: vectors,
+            windows,
+            rules,
+            group: 0,
+        });
+    }
+    let rows_sha = hex(&used_lines.finalize());
+    let canon: Vec<String> = rows.iter().map(|r| normalize::canonical(&r.text)).collect();
+    for (r, g) in rows.iter_mut().zip(groups(&canon)) {
+        r.group = g;
+    }
+    let n_inj = rows.iter().filter(|r| r.injection).count();
+    let n_ben = rows.len() - n_inj;
+    let mut group_sizes: BTreeMap<usize, usize> = BTreeMap::new();
+    for r in &rows {
+        *group_sizes.entry(r.group).or_default() += 1;
+    }
+    let largest = group_sizes.values().copied().max().unwrap_or(0);
+    eprintln!(
+        "training rows: {} ({n_inj} injection, {n_ben} benign; {excluded} excluded rows); {} groups, largest {largest}",
+        rows.len(),
+        group_sizes.len()
+    );
+
+    // Rule precision on the training rows.
+    let ruled_benign: Vec<&Row> = rows.iter().filter(|r| !r.injection && !r.rules.is_empty()).collect();
+    let ruled_inj = rows.iter().filter(|r| r.injection && !r.rules.is_empty()).count();
+    eprintln!("rules: {ruled_inj}/{n_inj} injection rows, {}/{n_ben} benign rows", ruled_benign.len());
+    for r in &ruled_benign {
+        eprintln!("  benign rule hit {:?}: {:?}", r.rules, r.text.chars().take(160).collect::<String>());
+    }
+
+    // Folds by group.
+    let fold_of: Vec<usize> = rows.iter().map(|r| (fnv(rows[r.group].id.as_bytes()) % FOLDS as u64) as usize).collect();
+
+    let grid: Vec<Params> = if quick {
+        let env = |k: &str, d: f32| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+        vec![Params {
+            lambda: env("LAMBDA", 1e-5),
+            epochs: env("EPOCHS", 15.0) as usize,
+            benign_weight: env("BENIGN_WEIGHT", 1.0),
+            synthetic: env("SYNTHETIC", 400.0) as usize,
+            synthetic_weight: env("SYNTHETIC_WEIGHT", 1.0),
+        }]
+    } else {
+        let mut g = Vec::new();
+        for &lambda in &[3e-5f32, 1e-4, 2e-4] {
+            for &epochs in &[15usize, 25] {
+                for &benign_weight in &[2.0f32, 4.0] {
+                    g.push(Params { lambda, epochs, benign_weight, synthetic: 1000, synthetic_weight: 3.0 });
+                }
+            }
+        }
+        g
+    };
+
+    let mut best: Option<(f64, f64, Params, Vec<f32>)> = None;
+    for &p in &grid {
+        let mut oof = vec![0.0f32; rows.len()];
+        for fold in 0..FOLDS {
+            let use_row: Vec<bool> = fold_of.iter().map(|&f| f != fold).collect();
+            let q = quantise(&train(&rows, &use_row, p, &mut scratch));
+            for (i, r) in rows.iter().enumerate() {
+                if fold_of[i] == fold {
+                    oof[i] = row_score(&q, &r.text, &mut scratch);
+                }
+            }
+        }
+        let pairs: Vec<(f32, bool)> = rows.iter().zip(&oof).map(|(r, &s)| (s, r.injection)).collect();
+        let a = auc(&pairs);
+        let plain: Vec<(f32, bool, bool)> = rows.iter().zip(&oof).map(|(r, &s)| (s, r.injection, false)).collect();
+        let (_, tpr, _) = operating_point(&plain, TARGET_FPR);
+        eprintln!("cv {p:?}: auc {a:.4}, tpr@1%fpr {tpr:.4}");
+        if best.as_ref().is_none_or(|b| (tpr, a) > (b.0, b.1)) {
+            best = Some((tpr, a, p, oof));
+        }
+    }
+    let (cv_tpr, cv_auc, params, oof) = best.expect("a configuration");
+    let combined: Vec<(f32, bool, bool)> =
+        rows.iter().zip(&oof).map(|(r, &s)| (s, r.injection, !r.rules.is_empty())).collect();
+    let (threshold, cv_comb_tpr, cv_comb_fpr) = operating_point(&combined, TARGET_FPR);
+    eprintln!(
+        "chosen {params:?}: cv auc {cv_auc:.4}, classifier tpr@1%fpr {cv_tpr:.4}; \
+         with rules: threshold {threshold}, tpr {cv_comb_tpr:.4}, fpr {cv_comb_fpr:.4}"
+    );
+    assert!(threshold.is_finite(), "rules alone exceed the FPR target");
+
+    if let Some(path) = &dump {
+        let mut s = String::new();
+        for ((r, &score), fold) in rows.iter().zip(&oof).zip(&fold_of) {
+            let line = json!({"id": r.id, "fold": fold, "source": r.source, "injection": r.injection, "score": score, "rules": r.rules, "text": r.text});
+            s.push_str(&line.to_string());
+            s.push('\n');
+        }
+        std::fs::write(path, s).expect("writing the out-of-fold dump");
+    }
+
+    // Per-source out-of-fold recall at the chosen threshold.
+    let mut per_source: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for (r, &s) in rows.iter().zip(&oof) {
+        let e = per_source.entry(r.source.clone()).or_default();
+        e.0 += 1;
+        if s >= threshold || !r.rules.is_empty() {
+            e.1 += 1;
+        }
+    }
+
+    let all = vec![true; rows.len()];
+    let q = quantise(&train(&rows, &all, params, &mut scratch));
+    let nonzero = q.weights.iter().filter(|&&w| w != 0).count();
+
+    let mut sources: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    for r in &rows {
+        let e = sources.entry(r.source.as_str()).or_default();
+        if r.injection {
+            e.0 += 1;
+        } else {
+            e.1 += 1;
+        }
+    }
+    let header = json!({
+        "format": "warden-injection-linear",
+        "version": 1,
+        "buckets": BUCKETS,
+        "hashing": features::HASHING,
+        "word_ngrams": [features::WORD_NGRAMS.0, features::WORD_NGRAMS.1],
+        "char_ngrams": [features::CHAR_NGRAMS.0, features::CHAR_NGRAMS.1],
+        "tf": "l2",
+        "windows": { "chars": features::WINDOW_CHARS, "step": features::WINDOW_STEP },
+        "quantization": "i8",
+        "scale": q.scale,
+        "bias": q.bias,
+        "threshold": threshold,
+        "nonzero_weights": nonzero,
+        "training": {
+            "data_file": "dev.jsonl",
+            "data_sha256": data_sha,
+            "rows_sha256": rows_sha,
+            "rows_sha256_of": "the used lines of data_file, each followed by \\n, in file order",
+            "split": "train",
+            "excluded_sources": EXCLUDED_SOURCES,
+            "rows": { "injection": n_inj, "benign": n_ben },
+            "sources": sources.iter().map(|(k, v)| (k.to_string(), json!({"injection": v.0, "benign": v.1}))).collect::<serde_json::Map<_, _>>(),
+            "optimizer": "adagrad sgd, logistic loss, balanced class weights",
+            "learning_rate": LEARNING_RATE,
+            "lambda": params.lambda,
+            "epochs": params.epochs,
+            "benign_weight": params.benign_weight,
+        },
+        "cv": {
+            "folds": FOLDS,
+            "grouping": "rows sharing a word 8-gram",
+            "auc": cv_auc,
+            "classifier_tpr_at_1pct_fpr": cv_tpr,
+            "threshold_target_fpr": TARGET_FPR,
+            "with_rules_tpr": cv_comb_tpr,
+            "with_rules_fpr": cv_comb_fpr,
+            "rule_hits_benign": ruled_benign.len(),
+            "rule_hits_injection": ruled_inj,
+            "recall_by_source": per_source.iter().map(|(k, v)| (k.clone(), json!(format!("{}/{}", v.1, v.0)))).collect::<serde_json::Map<_, _>>(),
+        },
+    });
+    let header_bytes = serde_json::to_vec_pretty(&header).expect("header");
+    let mut file = Vec::with_capacity(16 + header_bytes.len() + BUCKETS);
+    file.extend_from_slice(b"WPIM");
+    file.extend_from_slice(&u32::try_from(header_bytes.len()).expect("header size").to_le_bytes());
+    file.extend_from_slice(&header_bytes);
+    file.extend_from_slice(&q.scale.to_le_bytes());
+    file.extend_from_slice(&q.bias.to_le_bytes());
+    file.extend_from_slice(&q.weights);
+    std::fs::create_dir_all(&out).expect("output directory");
+    std::fs::write(out.join("model.bin"), &file).expect("writing model.bin");
+
+    // The fixed sample: the first rows of each class by id.
+    let mut by_id: Vec<&Row> = rows.iter().collect();
+    by_id.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut sample = String::new();
+    let mut correct = 0usize;
+    let mut taken = 0usize;
+    for injection in [false, true] {
+        for r in by_id.iter().filter(|r| r.injection == injection).take(SAMPLE_PER_CLASS) {
+            let score = row_score(&q, &r.text, &mut scratch);
+            let flagged = score >= threshold || !r.rules.is_empty();
+            correct += usize::from(flagged == r.injection);
+            taken += 1;
+            let line = json!({
+                "id": r.id, "source": r.source, "label": if r.injection { "injection" } else { "benign" },
+                "score": score, "rules": r.rules, "injection": flagged, "text": r.text,
+            });
+            sample.push_str(&serde_json::to_string(&line).expect("sample line"));
+            sample.push('\n');
+        }
+    }
+    std::fs::write(out.join("sample.jsonl"), sample).expect("writing sample.jsonl");
+
+    let report = json!({
+        "model_bytes": file.len(),
+        "model_sha256": hex(&Sha256::digest(&file)),
+        "sample_rows": taken,
+        "sample_correct": correct,
+        "header": header,
+    });
+    std::fs::write(out.join("training-report.json"), serde_json::to_string_pretty(&report).expect("report") + "\n")
+        .expect("writing training-report.json");
+    println!("{}", serde_json::to_string_pretty(&report).expect("report"));
+}
