@@ -11,20 +11,33 @@
 //!
 //! Steps:
 //! 1. every training row is turned into views exactly as the detector does
-//!    (`normalize::views`); each view is one training instance with the
-//!    row's label; long benign views also add their windows as benign
-//!    instances (the detector scores windows too);
+//!    (`normalize::views`), and every view into its scoring units (the view
+//!    itself, or overlapping windows when it is longer than 400 characters;
+//!    `features::windows`). A benign row's units are all benign instances;
+//!    an injection row is a bag of all its units, of which the
+//!    highest-scoring one is trained on (multiple-instance learning, as the
+//!    detector takes the highest score). 1,000 long synthetic benign
+//!    documents (benign training rows joined) are added so that long text
+//!    does not look like injection by itself;
 //! 2. rows are grouped (rows sharing a word 8-gram, e.g. an attack and its
-//!    mechanical rewrites, or template documents, form one group) and
-//!    hyperparameters are chosen by 5-fold grouped cross-validation on
-//!    out-of-fold TPR at 1% FPR;
+//!    mechanical rewrites, or template documents, form one group) and the
+//!    hyperparameters (L2 strength, epochs, benign weight) are chosen by
+//!    5-fold grouped cross-validation on the mean out-of-fold TPR at 0.5%,
+//!    1% and 2% FPR;
 //! 3. the decision threshold is chosen on the out-of-fold scores of the
 //!    chosen configuration so that (score >= threshold OR a rule matched)
 //!    flags at most 1% of benign training rows;
-//! 4. the final model is trained on all training rows, quantised to i8 and
-//!    written to `model.bin` with a JSON header; `sample.jsonl` holds a fixed
-//!    sample of training rows with the scores this program computed for
-//!    them, which warden's tests check the embedded model reproduces.
+//! 4. the final model is trained on all training rows (AdaGrad SGD,
+//!    weights averaged over the second half of the epochs), quantised to i8
+//!    and written to `model.bin` with a JSON header; `sample.jsonl` holds a
+//!    fixed sample of training rows with the scores this program computed
+//!    for them, which warden's tests check the embedded model reproduces;
+//!    `training-report.json` repeats the header with the model's SHA-256.
+//!
+//! Other flags: `--quick` (one configuration, from the environment:
+//! LAMBDA, EPOCHS, BENIGN_WEIGHT, SYNTHETIC, SYNTHETIC_WEIGHT, AVERAGE,
+//! SATML_WEIGHT), `--dump-oof PATH` (out-of-fold scores per row, JSON
+//! lines), `--time FILE` (time the detector's parts on a text).
 //!
 //! Deterministic: the same data gives the same bytes.
 
@@ -61,10 +74,9 @@ struct Row {
     text: String,
     injection: bool,
     source: String,
-    /// Feature vectors of the row's views (L2-normalised, sparse).
-    views: Vec<Vec<(u32, f32)>>,
-    /// Windows of the row's long views.
-    windows: Vec<Vec<(u32, f32)>>,
+    /// Per view, the feature vectors of its scoring units (the view, or its
+    /// windows when it is long): L2-normalised, sparse.
+    views: Vec<Vec<Vec<(u32, f32)>>>,
     /// Rule ids matched on any view or by the signals.
     rules: Vec<&'static str>,
     group: usize,
@@ -79,6 +91,10 @@ struct Params {
     synthetic: usize,
     /// Their total weight, relative to one benign row each.
     synthetic_weight: f32,
+    /// Average the weights over the second half of the epochs.
+    average: bool,
+    /// Weight of the noisy SaTML CTF rows, relative to other injections.
+    satml_weight: f32,
 }
 
 struct Model {
@@ -94,14 +110,12 @@ struct Quantised {
 
 impl Quantised {
     fn linear(&self) -> Linear<'_> {
-        Linear { weights: &self.weights, scale: self.scale, bias: self.bias }
+        Linear {
+            weights: &self.weights,
+            scale: self.scale,
+            bias: self.bias,
+        }
     }
-}
-
-fn vector(text: &str, scratch: &mut Scratch) -> Vec<(u32, f32)> {
-    let mut v = Vec::new();
-    features::for_each_feature(text, scratch, |b, x| v.push((b as u32, x)));
-    v
 }
 
 /// xorshift64*: a small deterministic generator for shuffling.
@@ -138,7 +152,12 @@ struct Example<'a> {
     weight: f32,
 }
 
-fn examples<'a>(rows: &'a [Row], use_row: &[bool], synthetic: &'a [Vec<Vec<(u32, f32)>>], p: Params) -> Vec<Example<'a>> {
+fn examples<'a>(
+    rows: &'a [Row],
+    use_row: &[bool],
+    synthetic: &'a [Vec<Vec<(u32, f32)>>],
+    p: Params,
+) -> Vec<Example<'a>> {
     let pos = rows.iter().zip(use_row).filter(|(r, u)| **u && r.injection).count() as f32;
     let neg = rows.iter().zip(use_row).filter(|(r, u)| **u && !r.injection).count() as f32;
     let total = pos + neg;
@@ -150,22 +169,44 @@ fn examples<'a>(rows: &'a [Row], use_row: &[bool], synthetic: &'a [Vec<Vec<(u32,
             continue;
         }
         if r.injection {
-            let candidates = r.views.iter().chain(&r.windows).map(Vec::as_slice).collect();
-            out.push(Example { candidates, injection: true, weight: w_pos });
+            let candidates = r.views.iter().flatten().map(Vec::as_slice).collect();
+            // The SaTML CTF rows are attacker chat turns, often with no cue.
+            let w = if r.source.contains("satml") {
+                w_pos * p.satml_weight
+            } else {
+                w_pos
+            };
+            out.push(Example {
+                candidates,
+                injection: true,
+                weight: w,
+            });
         } else {
-            for v in &r.views {
-                out.push(Example { candidates: vec![v], injection: false, weight: w_neg });
-            }
-            let n = r.windows.len() as f32;
-            for v in &r.windows {
-                out.push(Example { candidates: vec![v], injection: false, weight: w_neg / n.max(1.0) });
+            for units in &r.views {
+                // A long view's windows share twice a short view's weight.
+                let w = if units.len() > 1 {
+                    2.0 * w_neg / units.len() as f32
+                } else {
+                    w_neg
+                };
+                for v in units {
+                    out.push(Example {
+                        candidates: vec![v],
+                        injection: false,
+                        weight: w,
+                    });
+                }
             }
         }
     }
     for doc in synthetic {
         let n = doc.len() as f32;
         for v in doc {
-            out.push(Example { candidates: vec![v], injection: false, weight: w_neg * p.synthetic_weight / n });
+            out.push(Example {
+                candidates: vec![v],
+                injection: false,
+                weight: w_neg * p.synthetic_weight / n,
+            });
         }
     }
     out
@@ -176,8 +217,13 @@ fn examples<'a>(rows: &'a [Row], use_row: &[bool], synthetic: &'a [Vec<Vec<(u32,
 /// benign rows are mostly short and its injections mostly long. Each
 /// document is its vector and its windows' vectors.
 fn synthetic_benign(rows: &[Row], use_row: &[bool], count: usize, scratch: &mut Scratch) -> Vec<Vec<Vec<(u32, f32)>>> {
-    let mut benign: Vec<&str> = rows.iter().zip(use_row).filter(|(r, u)| **u && !r.injection).map(|(r, _)| r.text.as_str()).collect();
-    let mut rng = Rng(0x5eed_0f_be_91_9e);
+    let mut benign: Vec<&str> = rows
+        .iter()
+        .zip(use_row)
+        .filter(|(r, u)| **u && !r.injection)
+        .map(|(r, _)| r.text.as_str())
+        .collect();
+    let mut rng = Rng(0x5eed_0fbe_919e);
     rng.shuffle(&mut benign);
     let mut out = Vec::with_capacity(count);
     let mut at = 0;
@@ -186,14 +232,14 @@ fn synthetic_benign(rows: &[Row], use_row: &[bool], count: usize, scratch: &mut 
         let mut doc = String::new();
         while doc.len() < target && !benign.is_empty() {
             if !doc.is_empty() {
-                doc.push_str(if rng.next() % 2 == 0 { " " } else { "\n\n" });
+                doc.push_str(if rng.next().is_multiple_of(2) { " " } else { "\n\n" });
             }
             doc.push_str(benign[at % benign.len()]);
             at += 1;
         }
         let canon = normalize::canonical(&doc);
         let mut vectors = Vec::new();
-        features::for_each_window(&canon, |part| vectors.push(vector(part, scratch)));
+        features::for_each_window_features(&canon, scratch, |_, v| vectors.push(v.to_vec()));
         out.push(vectors);
     }
     out
@@ -208,7 +254,12 @@ fn train(rows: &[Row], use_row: &[bool], p: Params, scratch: &mut Scratch) -> Mo
     let mut gb2 = 0.0f32;
     let mut order: Vec<usize> = (0..inst.len()).collect();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    for _ in 0..p.epochs {
+    // Polyak averaging: the model is the mean of the weights at the end of
+    // each epoch of the second half, which smooths out SGD's noise.
+    let mut avg = vec![0.0f32; BUCKETS];
+    let mut avg_b = 0.0f32;
+    let mut averaged = 0usize;
+    for epoch in 0..p.epochs {
         rng.shuffle(&mut order);
         for &i in &order {
             let e = &inst[i];
@@ -230,6 +281,20 @@ fn train(rows: &[Row], use_row: &[bool], p: Params, scratch: &mut Scratch) -> Mo
             gb2 += err * err;
             b -= LEARNING_RATE * err / (gb2.sqrt() + 1e-8);
         }
+        if p.average && epoch >= p.epochs / 2 {
+            for (a, x) in avg.iter_mut().zip(&w) {
+                *a += x;
+            }
+            avg_b += b;
+            averaged += 1;
+        }
+    }
+    if averaged > 0 {
+        let n = averaged as f32;
+        return Model {
+            weights: avg.into_iter().map(|a| a / n).collect(),
+            bias: avg_b / n,
+        };
     }
     Model { weights: w, bias: b }
 }
@@ -237,8 +302,16 @@ fn train(rows: &[Row], use_row: &[bool], p: Params, scratch: &mut Scratch) -> Mo
 fn quantise(m: &Model) -> Quantised {
     let max = m.weights.iter().fold(0.0f32, |a, w| a.max(w.abs()));
     let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
-    let weights = m.weights.iter().map(|w| ((w / scale).round().clamp(-127.0, 127.0) as i8) as u8).collect();
-    Quantised { weights, scale, bias: m.bias }
+    let weights = m
+        .weights
+        .iter()
+        .map(|w| ((w / scale).round().clamp(-127.0, 127.0) as i8) as u8)
+        .collect();
+    Quantised {
+        weights,
+        scale,
+        bias: m.bias,
+    }
 }
 
 /// A row's score exactly as the detector computes it: the highest
@@ -291,7 +364,10 @@ fn groups(texts: &[String]) -> Vec<usize> {
     let mut u = Union((0..texts.len()).collect());
     let mut first: HashMap<Vec<&str>, usize> = HashMap::new();
     for (i, t) in texts.iter().enumerate() {
-        let words: Vec<&str> = t.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).collect();
+        let words: Vec<&str> = t
+            .split(|c: char| !c.is_alphanumeric())
+            .filter(|w| !w.is_empty())
+            .collect();
         if words.len() < 8 {
             // Short texts: the whole word sequence is the key.
             match first.get(&words) {
@@ -315,7 +391,9 @@ fn groups(texts: &[String]) -> Vec<usize> {
 }
 
 fn fnv(s: &[u8]) -> u64 {
-    s.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+    s.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// Area under the ROC curve (ties count half).
@@ -367,11 +445,19 @@ fn operating_point(rows: &[(f32, bool, bool)], target: f64) -> (f32, f64, f64) {
     };
     let tp = rows.iter().filter(|r| r.1 && (r.2 || r.0 >= threshold)).count();
     let fp = benign.iter().filter(|r| r.2 || r.0 >= threshold).count();
-    (threshold, tp as f64 / injections as f64, fp as f64 / benign.len() as f64)
+    (
+        threshold,
+        tp as f64 / injections as f64,
+        fp as f64 / benign.len() as f64,
+    )
 }
 
 fn next_up(x: f32) -> f32 {
-    if x >= 1.0 { f32::INFINITY } else { f32::from_bits(x.to_bits() + 1) }
+    if x >= 1.0 {
+        f32::INFINITY
+    } else {
+        f32::from_bits(x.to_bits() + 1)
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -386,6 +472,7 @@ fn main() {
     let mut out = PathBuf::from("models/injection");
     let mut quick = false;
     let mut dump: Option<PathBuf> = None;
+    let mut time: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -393,8 +480,15 @@ fn main() {
             "--out" => out = args.next().expect("--out DIR").into(),
             "--quick" => quick = true,
             "--dump-oof" => dump = Some(args.next().expect("--dump-oof PATH").into()),
-            other => panic!("unknown argument {other} (expected --data PATH, --out DIR, --quick)"),
+            "--time" => time = Some(args.next().expect("--time FILE")),
+            other => panic!(
+                "unknown argument {other} (expected --data PATH, --out DIR, --quick, --dump-oof PATH, --time FILE)"
+            ),
         }
+    }
+    if let Some(file) = time {
+        time_components(&file, &data);
+        return;
     }
     let raw = std::fs::read(&data).unwrap_or_else(|e| panic!("reading {}: {e}", data.display()));
     let data_sha = hex(&Sha256::digest(&raw));
@@ -422,17 +516,11 @@ fn main() {
             other => panic!("label {other:?}"),
         };
         let views = normalize::views(&text);
-        let vectors: Vec<Vec<(u32, f32)>> = views.views.iter().map(|w| vector(&w.text, &mut scratch)).collect();
-        let mut windows = Vec::new();
-        {
-            for w in &views.views {
-                let mut first = true;
-                features::for_each_window(&w.text, |part| {
-                    if !std::mem::take(&mut first) {
-                        windows.push(vector(part, &mut scratch));
-                    }
-                });
-            }
+        let mut vectors = Vec::new();
+        for w in &views.views {
+            let mut units = Vec::new();
+            features::for_each_window_features(&w.text, &mut scratch, |_, v| units.push(v.to_vec()));
+            vectors.push(units);
         }
         let rules = row_rules(&text);
         rows.push(Row {
@@ -441,7 +529,6 @@ fn main() {
             injection,
             source,
             views: vectors,
-            windows,
             rules,
             group: 0,
         });
@@ -467,13 +554,23 @@ fn main() {
     // Rule precision on the training rows.
     let ruled_benign: Vec<&Row> = rows.iter().filter(|r| !r.injection && !r.rules.is_empty()).collect();
     let ruled_inj = rows.iter().filter(|r| r.injection && !r.rules.is_empty()).count();
-    eprintln!("rules: {ruled_inj}/{n_inj} injection rows, {}/{n_ben} benign rows", ruled_benign.len());
+    eprintln!(
+        "rules: {ruled_inj}/{n_inj} injection rows, {}/{n_ben} benign rows",
+        ruled_benign.len()
+    );
     for r in &ruled_benign {
-        eprintln!("  benign rule hit {:?}: {:?}", r.rules, r.text.chars().take(160).collect::<String>());
+        eprintln!(
+            "  benign rule hit {:?}: {:?}",
+            r.rules,
+            r.text.chars().take(160).collect::<String>()
+        );
     }
 
     // Folds by group.
-    let fold_of: Vec<usize> = rows.iter().map(|r| (fnv(rows[r.group].id.as_bytes()) % FOLDS as u64) as usize).collect();
+    let fold_of: Vec<usize> = rows
+        .iter()
+        .map(|r| (fnv(rows[r.group].id.as_bytes()) % FOLDS as u64) as usize)
+        .collect();
 
     let grid: Vec<Params> = if quick {
         let env = |k: &str, d: f32| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
@@ -483,13 +580,23 @@ fn main() {
             benign_weight: env("BENIGN_WEIGHT", 1.0),
             synthetic: env("SYNTHETIC", 400.0) as usize,
             synthetic_weight: env("SYNTHETIC_WEIGHT", 1.0),
+            average: env("AVERAGE", 1.0) > 0.0,
+            satml_weight: env("SATML_WEIGHT", 1.0),
         }]
     } else {
         let mut g = Vec::new();
-        for &lambda in &[3e-5f32, 1e-4, 2e-4] {
-            for &epochs in &[15usize, 25] {
+        for &lambda in &[5e-5f32, 1e-4, 2e-4] {
+            for &epochs in &[15usize, 30] {
                 for &benign_weight in &[2.0f32, 4.0] {
-                    g.push(Params { lambda, epochs, benign_weight, synthetic: 1000, synthetic_weight: 3.0 });
+                    g.push(Params {
+                        lambda,
+                        epochs,
+                        benign_weight,
+                        synthetic: 1000,
+                        synthetic_weight: 3.0,
+                        average: true,
+                        satml_weight: 1.0,
+                    });
                 }
             }
         }
@@ -512,14 +619,26 @@ fn main() {
         let a = auc(&pairs);
         let plain: Vec<(f32, bool, bool)> = rows.iter().zip(&oof).map(|(r, &s)| (s, r.injection, false)).collect();
         let (_, tpr, _) = operating_point(&plain, TARGET_FPR);
-        eprintln!("cv {p:?}: auc {a:.4}, tpr@1%fpr {tpr:.4}");
-        if best.as_ref().is_none_or(|b| (tpr, a) > (b.0, b.1)) {
-            best = Some((tpr, a, p, oof));
+        // Selection: mean TPR at 0.5%, 1% and 2% FPR (1% alone rests on
+        // 16 benign rows and is noisy).
+        let crit = [0.005, TARGET_FPR, 0.02]
+            .iter()
+            .map(|&f| operating_point(&plain, f).1)
+            .sum::<f64>()
+            / 3.0;
+        eprintln!("cv {p:?}: auc {a:.4}, tpr@1%fpr {tpr:.4}, mean tpr@0.5/1/2% {crit:.4}");
+        if best.as_ref().is_none_or(|b| (crit, a) > (b.0, b.1)) {
+            best = Some((crit, a, p, oof));
         }
     }
-    let (cv_tpr, cv_auc, params, oof) = best.expect("a configuration");
-    let combined: Vec<(f32, bool, bool)> =
-        rows.iter().zip(&oof).map(|(r, &s)| (s, r.injection, !r.rules.is_empty())).collect();
+    let (_, cv_auc, params, oof) = best.expect("a configuration");
+    let plain: Vec<(f32, bool, bool)> = rows.iter().zip(&oof).map(|(r, &s)| (s, r.injection, false)).collect();
+    let cv_tpr = operating_point(&plain, TARGET_FPR).1;
+    let combined: Vec<(f32, bool, bool)> = rows
+        .iter()
+        .zip(&oof)
+        .map(|(r, &s)| (s, r.injection, !r.rules.is_empty()))
+        .collect();
     let (threshold, cv_comb_tpr, cv_comb_fpr) = operating_point(&combined, TARGET_FPR);
     eprintln!(
         "chosen {params:?}: cv auc {cv_auc:.4}, classifier tpr@1%fpr {cv_tpr:.4}; \
@@ -642,7 +761,103 @@ fn main() {
         "sample_correct": correct,
         "header": header,
     });
-    std::fs::write(out.join("training-report.json"), serde_json::to_string_pretty(&report).expect("report") + "\n")
-        .expect("writing training-report.json");
+    std::fs::write(
+        out.join("training-report.json"),
+        serde_json::to_string_pretty(&report).expect("report") + "\n",
+    )
+    .expect("writing training-report.json");
     println!("{}", serde_json::to_string_pretty(&report).expect("report"));
+}
+
+/// Times the detector's parts on the text in `path` and over every row of
+/// `data` (a development aid: `--time FILE`).
+fn time_components(path: &str, data: &std::path::Path) {
+    let text = std::fs::read_to_string(path).expect("text file");
+    let weights = vec![0u8; BUCKETS];
+    let q = Quantised {
+        weights,
+        scale: 1.0,
+        bias: 0.0,
+    };
+    let mut scratch = Scratch::default();
+    let n = 300;
+    // The best of 7 rounds: the machine is shared.
+    let time = |name: &str, f: &mut dyn FnMut()| {
+        let mut best = f64::INFINITY;
+        for _ in 0..7 {
+            let start = std::time::Instant::now();
+            for _ in 0..n {
+                f();
+            }
+            best = best.min(start.elapsed().as_secs_f64() * 1e6 / f64::from(n));
+        }
+        eprintln!("{name}: {best:.1} us");
+    };
+    let views = normalize::views(&text);
+    let main = views.views[0].text.clone();
+    eprintln!("{} bytes, {} views", text.len(), views.views.len());
+
+    time("views", &mut || {
+        std::hint::black_box(normalize::views(&text));
+    });
+    time("canonical", &mut || {
+        std::hint::black_box(normalize::canonical(&text));
+    });
+    time("rules", &mut || {
+        let mut out = Vec::new();
+        rules::match_text(&main, &mut out);
+        std::hint::black_box(out);
+    });
+    time("logit whole", &mut || {
+        std::hint::black_box(q.linear().logit_whole(&main, &mut scratch));
+    });
+    if let Ok(compiled) = rules::compiled() {
+        for (rule, regex) in rules::RULES.iter().zip(compiled) {
+            let start = std::time::Instant::now();
+            for _ in 0..n {
+                std::hint::black_box(regex.is_match(main.as_bytes()));
+            }
+            eprintln!(
+                "  rule {}: {:.2} us",
+                rule.id,
+                start.elapsed().as_secs_f64() * 1e6 / f64::from(n)
+            );
+        }
+    }
+    let rows: Vec<String> = std::fs::read_to_string(data)
+        .expect("data")
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).expect("json")["text"]
+                .as_str()
+                .expect("text")
+                .to_owned()
+        })
+        .collect();
+    let canon: Vec<String> = rows.iter().map(|t| normalize::views(t).views[0].text.clone()).collect();
+    for (name, part) in [("views", 0), ("rules", 1), ("logit", 2)] {
+        let start = std::time::Instant::now();
+        for (t, c) in rows.iter().zip(&canon) {
+            match part {
+                0 => {
+                    std::hint::black_box(normalize::views(t));
+                }
+                1 => {
+                    let mut out = Vec::new();
+                    rules::match_text(c, &mut out);
+                    std::hint::black_box(out);
+                }
+                _ => {
+                    std::hint::black_box(q.linear().logit(c, &mut scratch));
+                }
+            }
+        }
+        eprintln!(
+            "all rows, {name}: {:.1} us/row",
+            start.elapsed().as_secs_f64() * 1e6 / rows.len() as f64
+        );
+    }
+    time("logit windows", &mut || {
+        std::hint::black_box(q.linear().logit(&main, &mut scratch));
+    });
 }

@@ -6,14 +6,22 @@
 //!    NFKC, invisible characters removed, look-alike letters and leetspeak
 //!    folded, lower case, whitespace collapsed; plus one view for each hidden
 //!    or encoded payload found (Unicode tag characters, base64, hex,
-//!    percent-encoding, decimal or binary character codes, and ROT13 or
-//!    reversed text when the text asks for that decoding).
+//!    percent-encoding, decimal or binary character codes, ROT13 or
+//!    reversed text when the text asks for that decoding, letters spelled
+//!    out one by one).
 //! 2. [`rules`]: signature rules for known attack families run on every
 //!    view (and on what stripping noticed, e.g. tag-character smuggling).
 //! 3. [`classifier`]: a logistic-regression model over hashed word and
 //!    character n-grams scores every view; the verdict's score is the worst
-//!    (highest) view's probability. Long views are also scored in windows
-//!    so that one injected sentence in a long document still counts.
+//!    (highest) view's probability. A view longer than 400 characters is
+//!    scored as overlapping windows and its highest window counts, so one
+//!    injected sentence in a long document is not diluted.
+//!
+//! Use the shared [`detector`] (built on first use). Cost on one core of the
+//! shared development VM (`cargo bench --bench injection`): about 5–25 µs
+//! for a typical prompt, about 80 µs for 2 KB of benign text in a quiet
+//! round (medians of 125–135 µs with other builds running), of which the
+//! classifier is about half, the rules and the views a quarter each.
 //!
 //! A text is an injection when a rule matched or the score reaches the
 //! threshold (the model's, chosen at training time for at most 1% false
@@ -38,6 +46,7 @@ pub mod features;
 pub mod normalize;
 pub mod rules;
 
+use std::cell::RefCell;
 use std::sync::{Arc, LazyLock};
 
 use classifier::Model;
@@ -120,14 +129,27 @@ impl Detector {
     /// lower catches more and flags more benign text. A threshold above 1
     /// leaves only the rules; rules always count.
     pub fn inspect_with(&self, text: &str, threshold: f32) -> Verdict {
+        thread_local! {
+            // Feature buffers, reused by every call on this thread.
+            static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+        }
         let views = normalize::views(text);
-        let mut scratch = Scratch::default();
         let mut score = 0.0f32;
         let mut matched = Vec::new();
+        if let Some(model) = &self.model {
+            let mut score_views = |scratch: &mut Scratch| {
+                for view in &views.views {
+                    score = score.max(model.probability(&view.text, scratch));
+                }
+                scratch.trim();
+            };
+            SCRATCH.with(|cell| match cell.try_borrow_mut() {
+                Ok(mut scratch) => score_views(&mut scratch),
+                // Not reentrant in practice; a fresh buffer if it ever is.
+                Err(_) => score_views(&mut Scratch::default()),
+            });
+        }
         for view in &views.views {
-            if let Some(model) = &self.model {
-                score = score.max(model.probability(&view.text, &mut scratch));
-            }
             rules::match_text(&view.text, &mut matched);
         }
         rules::match_signals(&views.signals, &mut matched);
