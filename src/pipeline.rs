@@ -20,6 +20,7 @@ use crate::request;
 use crate::route::{self, Operation, Route};
 use crate::server::Peer;
 use crate::upstream::{self, AnswerBody, Outbound};
+use crate::validate::oip::{MetadataSettings, Signature, SignatureSource};
 use crate::validate::stage::{self, Destination};
 
 /// What the stages produced for the client.
@@ -131,7 +132,10 @@ async fn life_of_request(
             }
             // 4 validate: the shape, parameters, context window, injections
             // and input profile the model accepts.
-            review = validate(&model, route.operation, &json, ex)? == Destination::Review;
+            review = validate(rt, &model, &permit, route.operation, &json, ex).await? == Destination::Review;
+            // 4 validate: the model's external prompt-injection detector, once
+            // the local checks have passed.
+            detect_injection_externally(&model, route.operation, &json, ex).await?;
             // 5 authorize: tenant. Which data partitions the payload touches,
             // each decided on its own.
             if let Some(source) = &model.tenant {
@@ -208,12 +212,14 @@ async fn life_of_request(
 }
 
 /// 4 validate: the OpenAI shapes (or the model's own schema), parameter
-/// policy, context window and prompt injection for OpenAI routes; injection
-/// and the input profile for OIP v2 inference. Counts the prompt's tokens
-/// only when the context window needs them, and keeps the count for the
-/// limits stage.
-fn validate(
+/// policy, context window and prompt injection for OpenAI routes; the
+/// model's schema and metadata, injection and the input profile for OIP v2
+/// inference. Counts the prompt's tokens only when the context window needs
+/// them, and keeps the count for the limits stage.
+async fn validate(
+    rt: &Runtime,
     model: &ModelEndpoint,
+    permit: &authz::Permit,
     operation: Operation,
     json: &serde_json::Value,
     ex: &mut Exchange,
@@ -221,42 +227,116 @@ fn validate(
     let settings = &model.validation;
     match model.protocol {
         Protocol::Openai => {
-            let output = crate::limits::cost::output_estimate(operation, json, model.limits.default_max_tokens)
-                .map_err(|e| Reject::InvalidRequest {
-                    param: Some("max_tokens".to_owned()),
-                    message: e.to_string(),
-                    code: "invalid_value",
-                })?;
-            let mut counted = None;
-            let result = stage::check_openai(
-                settings,
-                operation,
-                json,
-                || {
-                    let n = count_prompt(model, operation, json)?;
-                    counted = Some(n);
-                    Ok(n)
-                },
-                output,
-                &mut ex.validation,
-            );
-            ex.prompt_tokens = counted;
-            result.map(|()| Destination::Model)
+            ex.prompt_tokens = stage::check_openai_request(model, operation, json, &mut ex.validation)?;
+            Ok(Destination::Model)
         }
-        Protocol::OipV2 if operation == Operation::Infer => stage::check_oip(settings, json, &mut ex.validation),
+        Protocol::OipV2 if operation == Operation::Infer => {
+            let signature = match &settings.metadata {
+                Some(metadata) => Some(model_signature(rt, model, permit, metadata, ex).await?),
+                None => None,
+            };
+            stage::check_oip(settings, signature.as_deref(), json, &mut ex.validation)
+        }
         Protocol::OipV2 => Ok(Destination::Model),
     }
 }
 
-/// The prompt's tokens, with the model's tokenizer.
-fn count_prompt(model: &ModelEndpoint, operation: Operation, json: &serde_json::Value) -> Result<u64, Reject> {
-    crate::limits::tokens::count_request(&model.limits.tokenizer, operation, json)
-        .map(|c| c.tokens)
-        .map_err(|e| Reject::InvalidRequest {
-            param: None,
-            message: e.to_string(),
-            code: "invalid_value",
-        })
+/// The OIP v2 model's signature: the configured one, or the upstream's own
+/// metadata, fetched on first use and kept until the configuration is
+/// reloaded. Concurrent first requests share one fetch; a failed fetch is
+/// not kept, so the next request tries again.
+async fn model_signature(
+    rt: &Runtime,
+    model: &ModelEndpoint,
+    permit: &authz::Permit,
+    metadata: &MetadataSettings,
+    ex: &mut Exchange,
+) -> Result<Arc<Signature>, Reject> {
+    let cell = match &metadata.source {
+        SignatureSource::Configured(signature) => return Ok(Arc::clone(signature)),
+        SignatureSource::Upstream(cell) => cell,
+    };
+    let fetched = cell
+        .get_or_try_init(|| fetch_signature(rt, model, permit, &ex.request_id))
+        .await;
+    match fetched {
+        Ok(signature) => Ok(Arc::clone(signature)),
+        Err((reject, reason)) => {
+            ex.validation.push(stage::Verdict {
+                check: "metadata",
+                result: "error",
+                score: None,
+                reason: Some(reason),
+            });
+            Err(reject)
+        }
+    }
+}
+
+/// Reads `GET /v2/models/{name}` from the model's upstream, with the
+/// gateway's own upstream credential (never the caller's).
+async fn fetch_signature(
+    rt: &Runtime,
+    model: &ModelEndpoint,
+    permit: &authz::Permit,
+    request_id: &HeaderValue,
+) -> Result<Arc<Signature>, (Reject, String)> {
+    let upstream = &model.upstream;
+    let failed = |reject: Reject, reason: String| {
+        tracing::warn!(model = %model.name, upstream = %upstream.name, %reason, "cannot read the model's metadata");
+        (reject, reason)
+    };
+    let client = rt
+        .clients
+        .get(&upstream.name)
+        .ok_or_else(|| failed(Reject::UpstreamUnreachable, "no client for the upstream".to_owned()))?;
+    let outbound = Outbound {
+        method: http::Method::GET,
+        path: format!("/v2/models/{}", model.upstream_model),
+        client_headers: &http::HeaderMap::new(),
+        body: Bytes::new(),
+        request_id,
+        stream: false,
+    };
+    let answer = upstream::forward(permit, upstream, client, outbound)
+        .await
+        .map_err(|reject| failed(reject, "the metadata request failed".to_owned()))?;
+    let bytes = match answer.body {
+        AnswerBody::Full(bytes) if answer.head.status.is_success() => bytes,
+        _ => {
+            let reason = format!("the metadata request returned {}", answer.head.status);
+            return Err(failed(Reject::UpstreamInvalid, reason));
+        }
+    };
+    serde_json::from_slice::<serde_json::Value>(&bytes)
+        .map_err(|e| e.to_string())
+        .and_then(|v| Signature::from_metadata(&v).map_err(|e| e.to_string()))
+        .map(Arc::new)
+        .map_err(|e| failed(Reject::UpstreamInvalid, format!("unusable metadata: {e}")))
+}
+
+/// 4 validate: the external prompt-injection detector of a model that has
+/// one, over the texts the model would read; its verdict joins the local
+/// ones. Flagged and blocked: 400, as the local detector. No answer: 503
+/// when it fails closed, on through when it fails open.
+async fn detect_injection_externally(
+    model: &ModelEndpoint,
+    operation: Operation,
+    json: &serde_json::Value,
+    ex: &mut Exchange,
+) -> Result<(), Reject> {
+    let Some(injection) = &model.validation.injection else {
+        return Ok(());
+    };
+    crate::validate::external::check(
+        injection,
+        &model.name,
+        model.protocol,
+        operation,
+        json,
+        &mut ex.validation,
+    )
+    .await
 }
 
 /// 6 admit: estimates the request, reserves the estimate against every

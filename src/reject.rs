@@ -156,6 +156,11 @@ pub enum Reject {
     /// A text the model would read looks like a prompt injection.
     #[error("the request was refused: the text at `{0}` looks like a prompt injection")]
     PromptInjection(String),
+    /// The model's external prompt-injection detector gave no usable answer
+    /// and fails closed; why (detector kind and failure, never its key) is
+    /// audited, not returned.
+    #[error("the request could not be checked for prompt injection: the detector is unavailable, try again shortly")]
+    DetectorUnavailable(String),
     /// Rows of a tabular request lie outside the model's input profile.
     #[error("{0}")]
     OutOfDistribution(String),
@@ -233,7 +238,7 @@ impl Reject {
                 StatusCode::TOO_MANY_REQUESTS
             }
             Reject::AtCapacity { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::TOO_MANY_REQUESTS),
-            Reject::LimitsUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Reject::LimitsUnavailable(_) | Reject::DetectorUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Reject::OutputLimitExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
             Reject::UnknownRoute(_) | Reject::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Reject::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -291,6 +296,7 @@ impl Reject {
             Reject::InvalidRequest { code, .. } => code,
             Reject::ContextLengthExceeded { .. } => "context_length_exceeded",
             Reject::PromptInjection(_) => "prompt_injection_detected",
+            Reject::DetectorUnavailable(_) => "detector_unavailable",
             Reject::OutOfDistribution(_) => "input_out_of_distribution",
             Reject::InvalidOipInput(_) => "invalid_inputs",
         }
@@ -332,6 +338,7 @@ impl Reject {
         match self {
             Reject::InvalidToken(e) => Some(e.to_string()),
             Reject::LimitsUnavailable(rule) => Some(format!("store unreachable; rule `{rule}` fails closed")),
+            Reject::DetectorUnavailable(reason) => Some(reason.clone()),
             _ => None,
         }
     }
@@ -344,6 +351,7 @@ impl Reject {
             | Reject::ShuttingDown
             | Reject::AuthenticationUnavailable
             | Reject::LimitsUnavailable(_)
+            | Reject::DetectorUnavailable(_)
             | Reject::AtCapacity { .. } => Fault::Gateway,
             _ => Fault::Client,
         }
@@ -359,6 +367,7 @@ impl Reject {
             self,
             Reject::AtCapacity { .. }
                 | Reject::LimitsUnavailable(_)
+                | Reject::DetectorUnavailable(_)
                 | Reject::BodyTimeout
                 | Reject::UpstreamUnreachable
                 | Reject::UpstreamTimeout
@@ -441,6 +450,33 @@ mod tests {
     fn oip_body_is_a_string() {
         let body = Reject::InvalidCredential.body(Protocol::OipV2);
         assert_eq!(&body[..], br#"{"error":"invalid API key"}"#);
+    }
+
+    #[test]
+    fn an_unavailable_detector_is_a_503_that_keeps_its_reason_for_the_audit() {
+        let reject = Reject::DetectorUnavailable("lakera: no answer within 500ms; failed closed".into());
+        let (parts, body) = reject.into_parts(Protocol::Openai);
+        assert_eq!(parts.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(parts.headers["x-should-retry"], "true");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"error": {
+                "message": "the request could not be checked for prompt injection: the detector is unavailable, try again shortly",
+                "type": "api_error",
+                "param": null,
+                "code": "detector_unavailable"
+            }})
+        );
+        assert_eq!(
+            &reject.body(Protocol::OipV2)[..],
+            br#"{"error":"the request could not be checked for prompt injection: the detector is unavailable, try again shortly"}"#
+        );
+        assert_eq!(
+            reject.detail().as_deref(),
+            Some("lakera: no answer within 500ms; failed closed")
+        );
+        assert_eq!(reject.fault(), Fault::Gateway);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! the model label only ever holds configured model names, never a key, user
 //! or anything the caller typed.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -49,6 +49,33 @@ struct LimitLabels {
 struct FallbackLabels {
     /// `local` (this instance's share applied) or `deny` (refused).
     mode: &'static str,
+}
+
+/// Labels of an external injection detector's failure.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DetectorFailureLabels {
+    /// The configured model's name.
+    model: String,
+    /// `lakera` or `llm_guard`.
+    kind: &'static str,
+    /// `timeout`, `unreachable`, `status` (non-2xx) or `malformed`.
+    reason: &'static str,
+}
+
+/// External injection detector failures. The detectors are built with the
+/// configuration, not with the metrics, so the family is process-wide and
+/// every [`Metrics`] exports it.
+static DETECTOR_FAILURES: LazyLock<Family<DetectorFailureLabels, Counter>> = LazyLock::new(Family::default);
+
+/// An external injection detector gave no usable answer for `model`.
+pub fn injection_detector_failure(model: &str, kind: &'static str, reason: &'static str) {
+    DETECTOR_FAILURES
+        .get_or_create(&DetectorFailureLabels {
+            model: model.to_owned(),
+            kind,
+            reason,
+        })
+        .inc();
 }
 
 /// Labels naming a policy level.
@@ -97,6 +124,11 @@ impl Metrics {
             "limit_store_fallbacks",
             "Limit decisions taken while the shared (Redis) store could not be reached, by fail mode",
             limit_fallbacks.clone(),
+        );
+        registry.register(
+            "injection_detector_failures",
+            "Requests an external prompt-injection detector gave no usable answer for, by model, detector kind and reason",
+            DETECTOR_FAILURES.clone(),
         );
         Metrics {
             limit_refusals,

@@ -559,6 +559,42 @@ pub struct RawValidation {
     /// Out-of-distribution detection for a tabular (OIP v2) model.
     #[serde(default)]
     pub profile: Option<RawProfile>,
+    /// What an OIP v2 inference request must carry: the model's metadata
+    /// (input names, datatypes, shapes), written here or fetched once from
+    /// the upstream, and the most rows per request.
+    #[serde(default)]
+    pub metadata: Option<RawMetadata>,
+}
+
+/// An OIP v2 model's metadata (`models[].validation.metadata`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetadata {
+    /// Read the metadata from the upstream's `GET /v2/models/{name}` on
+    /// first use instead of from `inputs`/`outputs`.
+    #[serde(default)]
+    pub fetch: bool,
+    /// The inputs every request must carry.
+    #[serde(default)]
+    pub inputs: Option<Vec<RawTensor>>,
+    /// The outputs a request may ask for.
+    #[serde(default)]
+    pub outputs: Vec<RawTensor>,
+    /// The most rows (batch size) one request may carry.
+    #[serde(default)]
+    pub max_rows: Option<u64>,
+}
+
+/// One tensor of a model's metadata, as the protocol writes it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTensor {
+    /// The tensor's name.
+    pub name: String,
+    /// `BOOL`, `INT8`…`INT64`, `UINT8`…`UINT64`, `FP16`, `FP32`, `FP64` or `BYTES`.
+    pub datatype: String,
+    /// Its shape; `-1` is a variable dimension (the batch, usually).
+    pub shape: Vec<i64>,
 }
 
 /// A tabular model's feature profile and what to do with rows outside it.
@@ -614,6 +650,38 @@ pub struct RawInjection {
     /// the shipped model's calibrated threshold.
     #[serde(default)]
     pub threshold: Option<f32>,
+    /// An external detector asked after the local checks pass; `action`
+    /// applies to its verdict too.
+    #[serde(default)]
+    pub external: Option<RawExternalDetector>,
+}
+
+/// An external prompt-injection detector
+/// (`models[].validation.injection.external`; see
+/// [`crate::validate::external`]).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawExternalDetector {
+    /// `lakera` (Lakera Guard v2) or `llm_guard` (the LLM Guard API). Required.
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// Lakera: the endpoint, e.g. `https://api.lakera.ai/v2/guard`; LLM
+    /// Guard: the base URL (`/analyze/prompt` is added). https, or http on
+    /// loopback. Required.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Warden's key for the detector, sent as `Authorization: Bearer …`;
+    /// by reference (`{env: NAME}` or `{file: PATH}`), never inline.
+    /// Required for `lakera`.
+    #[serde(default)]
+    pub api_key: Option<RawSecret>,
+    /// Time allowed for the detector's answer. Default `500ms`.
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// Without a usable answer: `closed` (refuse, 503; the default) or
+    /// `open` (let the request through, the error recorded).
+    #[serde(default)]
+    pub fail: Option<String>,
 }
 
 /// Where a request names its tenant.

@@ -238,3 +238,129 @@ fn a_pdp_credential_is_read_by_reference_and_its_absence_reported_with_its_path(
     let config = Config::parse(&opa("    credential: { file: token }\n"), dir.path()).unwrap();
     assert!(config.opa.is_some());
 }
+
+#[test]
+fn an_external_injection_detector_is_checked_with_its_paths() {
+    let external = |fields: &str| {
+        MINIMAL.replace(
+            "    upstream: up\n",
+            &format!("    upstream: up\n    validation:\n      injection:\n        external: {{ {fields} }}\n"),
+        )
+    };
+    let path = "models[0].validation.injection.external";
+    // A bad kind and fail mode, a missing URL, a bad timeout: every one at its path.
+    assert_eq!(
+        paths(&external("kind: rebuff, fail: maybe, timeout: soon")),
+        [
+            format!("{path}.kind"),
+            format!("{path}.url"),
+            format!("{path}.fail"),
+            format!("{path}.timeout")
+        ]
+    );
+    assert_eq!(paths(&external("url: https://guard.example")), [format!("{path}.kind")]);
+    assert_eq!(
+        paths(&external("kind: llm_guard, url: http://guard.example")),
+        [format!("{path}.url")],
+        "plain http only on loopback"
+    );
+    // Lakera needs a key, by reference.
+    assert_eq!(
+        paths(&external("kind: lakera, url: https://api.lakera.ai/v2/guard")),
+        [format!("{path}.api_key")]
+    );
+    assert_eq!(
+        paths(&external(
+            "kind: lakera, url: https://api.lakera.ai/v2/guard, api_key: { env: WARDEN_TEST_SURELY_UNSET }"
+        )),
+        [format!("{path}.api_key.env")]
+    );
+    assert!(
+        Config::parse(
+            &external("kind: lakera, url: https://api.lakera.ai/v2/guard, api_key: s3cret"),
+            Path::new("/base"),
+        )
+        .is_err(),
+        "an inline key is refused"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("lakera.key"), "s3cret\n").unwrap();
+    let c = Config::parse(
+        &external("kind: lakera, url: https://api.lakera.ai/v2/guard, api_key: { file: lakera.key }, fail: open, timeout: 250ms"),
+        dir.path(),
+    )
+    .unwrap();
+    let injection = c.models["m"].validation.injection.as_ref().unwrap();
+    let detector = injection.external.as_ref().unwrap();
+    assert_eq!(detector.kind(), crate::validate::external::DetectorKind::Lakera);
+    assert_eq!(detector.fail_mode(), crate::validate::external::FailMode::Open);
+    assert!(!format!("{c:?}").contains("s3cret"));
+    // LLM Guard's key is optional; failing closed is the default.
+    let c = Config::parse(&external("kind: llm_guard, url: http://127.0.0.1:8000"), dir.path()).unwrap();
+    let detector = c.models["m"]
+        .validation
+        .injection
+        .as_ref()
+        .unwrap()
+        .external
+        .as_ref()
+        .unwrap();
+    assert_eq!(detector.fail_mode(), crate::validate::external::FailMode::Closed);
+}
+
+#[test]
+fn oip_metadata_is_checked_with_its_paths() {
+    let oip = |metadata: &str| {
+        MINIMAL
+            .replace("    protocol: openai\n", "    protocol: oip_v2\n")
+            .replace(
+                "    upstream: up\n",
+                &format!("    upstream: up\n    validation:\n      metadata: {metadata}\n"),
+            )
+    };
+    let path = "models[0].validation.metadata";
+    assert_eq!(paths(&oip("{ max_rows: 10 }")), [path]);
+    assert_eq!(
+        paths(&oip(
+            "{ fetch: true, inputs: [{ name: x, datatype: FP32, shape: [-1] }] }"
+        )),
+        [path]
+    );
+    assert_eq!(
+        paths(&oip("{ fetch: true, max_rows: 0 }")),
+        [format!("{path}.max_rows")]
+    );
+    assert_eq!(
+        paths(&oip(
+            "{ inputs: [{ name: x, datatype: FP128, shape: [-1] }, { name: y, datatype: INT8, shape: [-3] }] }"
+        )),
+        [format!("{path}.inputs[0]"), format!("{path}.inputs[1]")]
+    );
+    assert_eq!(
+        paths(&oip(
+            "{ inputs: [{ name: x, datatype: FP32, shape: [-1] }, { name: x, datatype: FP32, shape: [-1] }] }"
+        )),
+        [path],
+        "a name declared twice"
+    );
+    // Metadata is an OIP v2 notion.
+    let openai = MINIMAL.replace(
+        "    upstream: up\n",
+        "    upstream: up\n    validation:\n      metadata: { fetch: true }\n",
+    );
+    assert_eq!(paths(&openai), [path]);
+
+    let c = Config::parse(
+        &oip("{ max_rows: 8, inputs: [{ name: x, datatype: FP32, shape: [-1, 3] }] }"),
+        Path::new("/base"),
+    )
+    .unwrap();
+    let metadata = c.models["m"].validation.metadata.as_ref().unwrap();
+    assert_eq!(metadata.max_rows, Some(8));
+    let crate::validate::oip::SignatureSource::Configured(signature) = &metadata.source else {
+        panic!("configured metadata is not fetched");
+    };
+    assert_eq!(signature.inputs[0].shape, [-1, 3]);
+    assert_eq!(signature.inputs[0].datatype, crate::validate::oip::Datatype::Fp32);
+}

@@ -3,9 +3,12 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
-use super::raw::RawValidation;
+use super::raw::{RawExternalDetector, RawTensor, RawValidation};
 use super::{Errors, Protocol, Upstream};
+use crate::validate::external::{DetectorKind, ExternalDetector, FailMode};
+use crate::validate::oip::{MetadataSettings, Signature, SignatureSource};
 use crate::validate::params::ParamPolicy;
 use crate::validate::stage::{Action, InjectionSettings, ModelValidation, ProfileSettings};
 
@@ -82,6 +85,11 @@ pub(super) fn check_validation(
         InjectionSettings {
             action: action("injection", i.action.as_deref(), false, errs),
             threshold: i.threshold,
+            external: i
+                .external
+                .as_ref()
+                .and_then(|e| check_external(e, &format!("{path}.injection.external"), base, errs))
+                .map(Arc::new),
         }
     });
     let profile = raw.profile.as_ref().and_then(|p| {
@@ -128,11 +136,123 @@ pub(super) fn check_validation(
             route_to,
         })
     });
+    let metadata = raw.metadata.as_ref().and_then(|m| {
+        let path = format!("{path}.metadata");
+        if protocol != Some(Protocol::OipV2) {
+            errs.push(&path, "metadata is for oip_v2 models");
+        }
+        if m.max_rows == Some(0) {
+            errs.push(&format!("{path}.max_rows"), "must be at least 1");
+        }
+        let source = match (&m.inputs, m.fetch) {
+            (Some(_), true) => {
+                errs.push(&path, "give `inputs` or `fetch: true`, not both");
+                return None;
+            }
+            (None, false) => {
+                errs.push(&path, "needs `inputs` (and `outputs`) or `fetch: true`");
+                return None;
+            }
+            (None, true) if !m.outputs.is_empty() => {
+                errs.push(&format!("{path}.outputs"), "is only read with `inputs`");
+                return None;
+            }
+            (None, true) => SignatureSource::Upstream(tokio::sync::OnceCell::new()),
+            (Some(inputs), false) => {
+                let tensors = |field: &str, list: &[RawTensor], errs: &mut Errors| {
+                    let mut out = Vec::with_capacity(list.len());
+                    for (i, t) in list.iter().enumerate() {
+                        let value = serde_json::json!({"name": t.name, "datatype": t.datatype, "shape": t.shape});
+                        match crate::validate::oip::tensor_spec(&value) {
+                            Ok(spec) => out.push(spec),
+                            Err(e) => errs.push(&format!("{path}.{field}[{i}]"), e),
+                        }
+                    }
+                    out
+                };
+                let signature = Signature {
+                    inputs: tensors("inputs", inputs, errs),
+                    outputs: tensors("outputs", &m.outputs, errs),
+                };
+                // Names are checked once every tensor could be read.
+                let complete = signature.inputs.len() == inputs.len() && signature.outputs.len() == m.outputs.len();
+                if complete && let Err(e) = signature.check_names() {
+                    errs.push(&path, e.to_string());
+                }
+                SignatureSource::Configured(Arc::new(signature))
+            }
+        };
+        Some(Arc::new(MetadataSettings {
+            source,
+            max_rows: m.max_rows,
+        }))
+    });
     ModelValidation {
         context_window: raw.context_window,
         params,
         schema,
         injection,
         profile,
+        metadata,
     }
+}
+
+/// Checks an external injection detector and builds its client.
+fn check_external(raw: &RawExternalDetector, path: &str, base: &Path, errs: &mut Errors) -> Option<ExternalDetector> {
+    let before = errs.0.len();
+    let kind = match raw.kind.as_deref() {
+        Some("lakera") => Some(DetectorKind::Lakera),
+        Some("llm_guard") => Some(DetectorKind::LlmGuard),
+        Some(other) => {
+            errs.push(
+                &format!("{path}.kind"),
+                format!("unknown detector `{other}`; expected `lakera` or `llm_guard`"),
+            );
+            None
+        }
+        None => {
+            errs.push(&format!("{path}.kind"), "missing: `lakera` or `llm_guard`");
+            None
+        }
+    };
+    match raw.url.as_deref() {
+        Some(url) if !super::fetchable(url) => {
+            errs.push(&format!("{path}.url"), "must be https:// (plain http only on loopback)");
+        }
+        Some(_) => {}
+        None => errs.push(&format!("{path}.url"), "missing: the detector's URL"),
+    }
+    let fail = match raw.fail.as_deref() {
+        None | Some("closed") => FailMode::Closed,
+        Some("open") => FailMode::Open,
+        Some(other) => {
+            errs.push(
+                &format!("{path}.fail"),
+                format!("unknown fail mode `{other}`; expected `open` or `closed`"),
+            );
+            FailMode::Closed
+        }
+    };
+    let timeout = errs.duration(
+        &format!("{path}.timeout"),
+        raw.timeout.as_deref(),
+        Duration::from_millis(500),
+    );
+    let authorization = super::pdp_credential(raw.api_key.as_ref(), &format!("{path}.api_key"), base, errs);
+    if kind == Some(DetectorKind::Lakera) && raw.api_key.is_none() {
+        errs.push(
+            &format!("{path}.api_key"),
+            "Lakera Guard needs an API key: `{env: NAME}` or `{file: PATH}`",
+        );
+    }
+    if errs.0.len() != before {
+        return None;
+    }
+    Some(ExternalDetector::new(
+        kind?,
+        raw.url.as_deref()?,
+        authorization,
+        timeout,
+        fail,
+    ))
 }

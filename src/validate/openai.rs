@@ -1188,8 +1188,6 @@ fn instance_param(body: &Value, pointer: &str) -> String {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use std::time::Instant;
-
     use serde_json::json;
 
     use super::*;
@@ -1834,25 +1832,6 @@ mod tests {
         assert!(CustomSchema::new(&json!({"$ref": "file:///etc/schema.json"})).is_err());
         // Look-around is not linear-time, so it is refused.
         assert!(CustomSchema::new(&json!({"pattern": "(?=a)a"})).is_err());
-    }
-
-    #[test]
-    fn timing() {
-        let body: Value = serde_json::from_str(&crate::validate::hygiene::chat_body_2k()).unwrap();
-        validate(Operation::ChatCompletions, &body).unwrap();
-        let rounds = if cfg!(debug_assertions) { 1_000 } else { 100_000 };
-        let mut best = f64::MAX;
-        for _ in 0..5 {
-            let start = Instant::now();
-            for _ in 0..rounds {
-                assert!(validate(Operation::ChatCompletions, std::hint::black_box(&body)).is_ok());
-            }
-            best = best.min(start.elapsed().as_secs_f64() * 1e9 / f64::from(rounds));
-        }
-        println!(
-            "validate 2 KB chat body: {best:.0} ns{}",
-            if cfg!(debug_assertions) { " [debug build]" } else { "" }
-        );
     }
 
     /// JSON built from the words the checks look for, so that random bodies

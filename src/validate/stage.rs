@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use super::oip::Signature;
 use super::ood::Profile;
 use super::openai::CustomSchema;
 use super::params::ParamPolicy;
@@ -49,6 +50,9 @@ pub struct InjectionSettings {
     pub action: Action,
     /// Score threshold; `None` is the shipped model's own.
     pub threshold: Option<f32>,
+    /// An external detector asked after the local checks pass
+    /// ([`super::external`]); `action` applies to its verdict too.
+    pub external: Option<Arc<super::external::ExternalDetector>>,
 }
 
 /// A tabular model's profile settings.
@@ -75,12 +79,15 @@ pub struct ModelValidation {
     pub injection: Option<InjectionSettings>,
     /// Out-of-distribution detection (OIP v2 tabular models).
     pub profile: Option<ProfileSettings>,
+    /// The model's OIP v2 metadata, which inference requests must match.
+    pub metadata: Option<Arc<super::oip::MetadataSettings>>,
 }
 
 /// One check's outcome, for the audit record.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Verdict {
-    /// `schema`, `params`, `context_window`, `injection` or `profile`.
+    /// `schema`, `params`, `context_window`, `injection`, `metadata` or
+    /// `profile`.
     pub check: &'static str,
     /// `pass`, `flag`, `block` or `route`.
     pub result: &'static str,
@@ -112,6 +119,41 @@ pub enum Destination {
     Review,
 }
 
+/// Validates an OpenAI request to `model` as the pipeline does: its output
+/// estimate read from `max_tokens` (or the model's default), then
+/// [`check_openai`], with the prompt's tokens counted by the model's
+/// tokenizer only when the context window needs them. Returns that count,
+/// for the limits stage to reuse.
+pub fn check_openai_request(
+    model: &crate::config::ModelEndpoint,
+    operation: Operation,
+    body: &Value,
+    verdicts: &mut Vec<Verdict>,
+) -> Result<Option<u64>, Reject> {
+    let output =
+        crate::limits::cost::output_estimate(operation, body, model.limits.default_max_tokens).map_err(|e| {
+            Reject::InvalidRequest {
+                param: Some("max_tokens".to_owned()),
+                message: e.to_string(),
+                code: "invalid_value",
+            }
+        })?;
+    let mut counted = None;
+    let prompt_tokens = || {
+        let n = crate::limits::tokens::count_request(&model.limits.tokenizer, operation, body)
+            .map(|c| c.tokens)
+            .map_err(|e| Reject::InvalidRequest {
+                param: None,
+                message: e.to_string(),
+                code: "invalid_value",
+            })?;
+        counted = Some(n);
+        Ok(n)
+    };
+    check_openai(&model.validation, operation, body, prompt_tokens, output, verdicts)?;
+    Ok(counted)
+}
+
 /// Validates an OpenAI request for `operation`. `input_tokens` is the
 /// prompt's token count when the caller has it (the context window needs
 /// it); `output_tokens` what it may generate.
@@ -134,7 +176,7 @@ pub fn check_openai(
             check: "schema",
             result: "block",
             score: None,
-            reason: Some(format!("{}: {}", e.param, e.message)),
+            reason: Some(schema_reason(&e)),
         });
         return Err(Reject::InvalidRequest {
             param: (!e.param.is_empty()).then_some(e.param),
@@ -186,9 +228,45 @@ pub fn check_openai(
     Ok(())
 }
 
-/// Validates an OIP v2 inference request: injection detection on its
-/// `BYTES` inputs and the feature profile on its rows.
-pub fn check_oip(settings: &ModelValidation, body: &Value, verdicts: &mut Vec<Verdict>) -> Result<Destination, Reject> {
+/// Validates an OIP v2 inference request: the model's own JSON Schema and
+/// its metadata (when it has them; `signature` is the metadata), injection detection on its `BYTES` inputs
+/// and the feature profile on its rows.
+pub fn check_oip(
+    settings: &ModelValidation,
+    signature: Option<&Signature>,
+    body: &Value,
+    verdicts: &mut Vec<Verdict>,
+) -> Result<Destination, Reject> {
+    if let Some(schema) = &settings.schema {
+        if let Err(e) = schema.validate(body) {
+            verdicts.push(Verdict {
+                check: "schema",
+                result: "block",
+                score: None,
+                reason: Some(schema_reason(&e)),
+            });
+            return Err(Reject::InvalidOipInput(e.message));
+        }
+        verdicts.push(Verdict::pass("schema"));
+    }
+    if let Some(signature) = signature {
+        let max_rows = settings.metadata.as_ref().and_then(|m| m.max_rows);
+        match signature.check(body, max_rows) {
+            Ok(rows) => verdicts.push(Verdict {
+                reason: Some(format!("{rows} rows")),
+                ..Verdict::pass("metadata")
+            }),
+            Err(message) => {
+                verdicts.push(Verdict {
+                    check: "metadata",
+                    result: "block",
+                    score: None,
+                    reason: Some(message.clone()),
+                });
+                return Err(Reject::InvalidOipInput(message));
+            }
+        }
+    }
     if let Some(injection) = &settings.injection {
         inspect_texts(injection, oip_texts(body), verdicts)?;
     }
@@ -247,6 +325,16 @@ pub fn check_oip(settings: &ModelValidation, body: &Value, verdicts: &mut Vec<Ve
     }
 }
 
+/// The audit reason of a schema failure: the field at fault, then what is
+/// wrong with it.
+fn schema_reason(e: &super::openai::SchemaError) -> String {
+    if e.param.is_empty() {
+        e.message.clone()
+    } else {
+        format!("{}: {}", e.param, e.message)
+    }
+}
+
 /// Runs the injection detector over `texts`; the worst one decides.
 fn inspect_texts<'a>(
     settings: &InjectionSettings,
@@ -296,7 +384,7 @@ fn inspect_texts<'a>(
 /// Every text of an OpenAI request the model reads, with where it is:
 /// every message's content (all roles, tool results included), tool-call
 /// arguments, the completion prompt and suffix.
-fn texts_of(operation: Operation, body: &Value) -> impl Iterator<Item = (String, &str)> {
+pub(crate) fn texts_of(operation: Operation, body: &Value) -> impl Iterator<Item = (String, &str)> {
     let mut out: Vec<(String, &str)> = Vec::new();
     match operation {
         Operation::ChatCompletions => {
@@ -353,7 +441,7 @@ fn texts_of(operation: Operation, body: &Value) -> impl Iterator<Item = (String,
 }
 
 /// The strings of an OIP v2 request's `BYTES` inputs.
-fn oip_texts(body: &Value) -> impl Iterator<Item = (String, &str)> {
+pub(crate) fn oip_texts(body: &Value) -> impl Iterator<Item = (String, &str)> {
     let mut out: Vec<(String, &str)> = Vec::new();
     for input in body.get("inputs").and_then(Value::as_array).into_iter().flatten() {
         if input.get("datatype").and_then(Value::as_str) != Some("BYTES") {

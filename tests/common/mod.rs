@@ -38,8 +38,18 @@ pub struct TestGateway {
 impl TestGateway {
     /// Starts a gateway from YAML; `audit.file` relative paths land in a temp dir.
     pub async fn start(yaml: &str) -> TestGateway {
+        TestGateway::start_with_files(yaml, &[]).await
+    }
+
+    /// Starts a gateway from YAML after writing `files` (name, contents)
+    /// beside its config: tokens and secrets that must exist when the
+    /// config is loaded.
+    pub async fn start_with_files(yaml: &str, files: &[(&str, &str)]) -> TestGateway {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let dir = tempfile::tempdir().unwrap();
+        for (name, contents) in files {
+            std::fs::write(dir.path().join(name), contents).unwrap();
+        }
         let path = dir.path().join("warden.yaml");
         std::fs::write(&path, yaml).unwrap();
         let config = Config::load(&path).unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
@@ -133,6 +143,32 @@ api_keys:
     principal: bob@globex.example
     tenant: globex
     models: [demo-chat]
+"#
+    )
+}
+
+/// A gateway on ephemeral ports with an audit file and the acme demo key
+/// (any model), around `upstreams` and `models` (YAML list items).
+pub fn gateway_yaml(upstreams: &str, models: &str) -> String {
+    format!(
+        r#"
+listen:
+  address: 127.0.0.1:0
+  auth_failure_limit: {{ max_failures: 1000, window: 1m }}
+admin:
+  address: 127.0.0.1:0
+audit:
+  file: audit.jsonl
+upstreams:
+{upstreams}
+models:
+{models}
+api_keys:
+  - id: demo-acme
+    sha256: {ACME_SHA}
+    principal: alice@acme.example
+    tenant: acme
+    models: ["*"]
 "#
     )
 }

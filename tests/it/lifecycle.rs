@@ -491,7 +491,7 @@ async fn demo_prints_commands_that_work() {
     assert!(text.contains(&format!("gateway      http://{gateway}")), "{text}");
     assert!(text.contains(&format!("http://{admin}/metrics")), "{text}");
     let commands: Vec<&String> = banner.iter().filter(|l| l.starts_with("curl ")).collect();
-    assert_eq!(commands.len(), 9, "{text}");
+    assert_eq!(commands.len(), 12, "{text}");
 
     let mut outputs = Vec::new();
     for command in &commands {
@@ -514,7 +514,9 @@ async fn demo_prints_commands_that_work() {
     let codes: Vec<&str> = outputs.iter().map(|(c, _)| c.as_str()).collect();
     assert_eq!(
         codes,
-        ["200", "200", "401", "403", "200", "200", "403", "429", "200"],
+        [
+            "200", "200", "401", "403", "200", "200", "403", "429", "200", "400", "400", "400"
+        ],
         "{outputs:#?}"
     );
     // The budget refusal is OpenAI's insufficient_quota, and never retried.
@@ -527,6 +529,21 @@ async fn demo_prints_commands_that_work() {
         outputs[7].1.to_ascii_lowercase().contains("x-should-retry: false"),
         "{}",
         outputs[7].1
+    );
+    // Validation: an injection, the context window, an out-of-profile row.
+    for (i, expected) in [
+        (9, r#""code":"prompt_injection_detected""#),
+        (10, r#""code":"context_length_exceeded""#),
+        (11, "outside the model's input profile"),
+    ] {
+        assert!(outputs[i].1.contains(expected), "{}", outputs[i].1);
+    }
+    // The fraud model's scores are real: two in-profile rows, two scores.
+    let scored: Value = serde_json::from_str(&outputs[4].1).unwrap();
+    assert_eq!(
+        scored["outputs"][0]["data"].as_array().map(Vec::len),
+        Some(2),
+        "{scored}"
     );
     // The ledger has acme's chat usage of today.
     let usage: Value = serde_json::from_str(&outputs[8].1).unwrap();

@@ -7,6 +7,7 @@ mod aws;
 mod errors;
 mod examples;
 mod ext_authz;
+mod external_detector;
 mod introspection;
 mod jwt;
 mod keys;

@@ -67,23 +67,7 @@ pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef0123";
 
 /// Starts a gateway on `yaml`, with the admin token file beside it.
 pub async fn start_limited(yaml: &str) -> TestGateway {
-    // The token file must exist before the config is loaded: write the
-    // config into a directory of our own first.
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("admin.token"), ADMIN_TOKEN).unwrap();
-    let path = dir.path().join("warden.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let config = warden::config::Config::load(&path).unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
-    let audit_path = config.audit_file.clone();
-    let running = warden::app::start(config, Some(path)).await.unwrap();
-    TestGateway {
-        url: format!("http://{}", running.address),
-        admin_url: format!("http://{}", running.admin_address),
-        running: Some(running),
-        audit_path,
-        dir,
-    }
+    TestGateway::start_with_files(yaml, &[("admin.token", ADMIN_TOKEN)]).await
 }
 
 fn chat(content: &str) -> Value {
