@@ -7,6 +7,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -207,6 +208,24 @@ where
         }
     });
     addr
+}
+
+/// An upstream that answers every request with a chat completion (or an
+/// OIP answer) and counts what it received.
+pub async fn counting_upstream(received: Arc<AtomicUsize>) -> SocketAddr {
+    spawn_upstream(move |_req| {
+        let received = Arc::clone(&received);
+        async move {
+            received.fetch_add(1, Ordering::SeqCst);
+            http::Response::builder()
+                .header("content-type", "application/json")
+                .body(full(
+                    r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"model_name":"m","outputs":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#,
+                ))
+                .unwrap()
+        }
+    })
+    .await
 }
 
 /// A full body for a test upstream.

@@ -13,24 +13,6 @@ use serde_json::{Value, json};
 use super::rate_limits::start_limited;
 use crate::common::*;
 
-/// An upstream that answers every request with a chat completion (or an
-/// OIP answer) and counts what it received.
-async fn counting_upstream(received: Arc<AtomicUsize>) -> SocketAddr {
-    spawn_upstream(move |_req| {
-        let received = Arc::clone(&received);
-        async move {
-            received.fetch_add(1, Ordering::SeqCst);
-            http::Response::builder()
-                .header("content-type", "application/json")
-                .body(full(
-                    r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"outputs":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#,
-                ))
-                .unwrap()
-        }
-    })
-    .await
-}
-
 fn profile_path() -> String {
     concat!(
         env!("CARGO_MANIFEST_DIR"),
