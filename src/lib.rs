@@ -35,6 +35,7 @@ pub mod exchange;
 pub mod ext_authz;
 pub mod forwarded;
 pub mod gateway;
+pub mod json_scan;
 pub mod limits;
 pub mod pipeline;
 pub mod reject;
