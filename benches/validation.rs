@@ -142,13 +142,60 @@ fn main() {
                 std::hint::black_box(detector.inspect(text));
             }
         });
+        // The o200k count of the same strings: warden's (ASCII fast path)
+        // and bpe-openai's own, which warden used before.
+        let o200k = warden::limits::tokens::Tokenizer::O200kBase;
+        let warden_count = support::median_per_call(BATCH, BATCHES, || {
+            for s in &strings {
+                std::hint::black_box(o200k.count(s).unwrap());
+            }
+        });
+        let bpe_openai_count = support::median_per_call(BATCH, BATCHES, || {
+            for s in &strings {
+                std::hint::black_box(bpe_openai::o200k_base().count(*s));
+            }
+        });
+        // The detector's layers on the same messages.
+        use warden::validate::injection::{classifier, features, normalize, rules};
+        let views: Vec<_> = texts.iter().map(|t| normalize::views(t)).collect();
+        let views_cost = support::median_per_call(BATCH, BATCHES, || {
+            for text in &texts {
+                std::hint::black_box(normalize::views(text));
+            }
+        });
+        let rules_of = |matcher: fn(&str, &mut Vec<&'static str>)| {
+            support::median_per_call(BATCH, BATCHES, || {
+                for v in views.iter().flat_map(|v| &v.views) {
+                    let mut out = Vec::new();
+                    matcher(&v.text, &mut out);
+                    std::hint::black_box(out);
+                }
+            })
+        };
+        let rules_cost = rules_of(rules::match_text);
+        let rules_unfiltered = rules_of(rules::match_text_unfiltered);
+        let model = classifier::Model::embedded().unwrap();
+        let mut scratch = features::Scratch::default();
+        let classifier_cost = support::median_per_call(BATCH, BATCHES, || {
+            for v in views.iter().flat_map(|v| &v.views) {
+                std::hint::black_box(model.probability(&v.text, &mut scratch));
+            }
+        });
         println!("  {name}, {} bytes:", bytes.len());
         println!("    median per request            {:>8.1} µs", whole * 1e6);
         println!("      strict parse (hygiene)      {:>8.1} µs", parse * 1e6);
         println!("      OpenAI shape                {:>8.1} µs", shape * 1e6);
         println!("      o200k token count           {:>8.1} µs", tokens * 1e6);
         println!("      injection detector          {:>8.1} µs", injection * 1e6);
-        println!("    (tiktoken-rs on the same texts  {:>8.1} µs)", tiktoken_count * 1e6);
+        println!("    the o200k count of the message strings alone:");
+        println!("      warden (ASCII fast path)    {:>8.1} µs", warden_count * 1e6);
+        println!("      bpe-openai's count          {:>8.1} µs", bpe_openai_count * 1e6);
+        println!("      tiktoken-rs                 {:>8.1} µs", tiktoken_count * 1e6);
+        println!("    the detector's layers alone:");
+        println!("      views (normalize)           {:>8.1} µs", views_cost * 1e6);
+        println!("      rules, literal scan first   {:>8.1} µs", rules_cost * 1e6);
+        println!("      rules, every regex          {:>8.1} µs", rules_unfiltered * 1e6);
+        println!("      classifier                  {:>8.1} µs", classifier_cost * 1e6);
         if bytes.len() >= 2048 {
             println!(
                 "    target                        under 100 µs: {}",

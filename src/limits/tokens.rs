@@ -133,7 +133,7 @@ impl Tokenizer {
     pub fn preload(&self) -> Result<(), TokenError> {
         // Each encoding is deserialized on first use, once per process.
         match self {
-            Tokenizer::O200kBase => bpe_openai::o200k_base().count(""),
+            Tokenizer::O200kBase => o200k::count(""),
             Tokenizer::Cl100kBase => bpe_openai::cl100k_base().count(""),
             Tokenizer::File(_) => 0,
         };
@@ -155,11 +155,344 @@ impl Tokenizer {
     /// will also see.
     pub fn count(&self, text: &str) -> Result<u64, TokenError> {
         let n = match self {
-            Tokenizer::O200kBase => bpe_openai::o200k_base().count(text),
+            Tokenizer::O200kBase => o200k::count(text),
             Tokenizer::Cl100kBase => bpe_openai::cl100k_base().count(text),
             Tokenizer::File(file) => file.count(text)?,
         };
         Ok(u64::try_from(n).unwrap_or(u64::MAX))
+    }
+}
+
+/// `o200k_base` counting with a fast path for ASCII text, where most
+/// requests' text is: the same count as `bpe_openai::o200k_base().count`,
+/// in about a quarter of the time (`cargo bench --bench validation`).
+///
+/// * Pre-tokenization: o200k's split pattern, evaluated by hand on bytes
+///   ([`piece_end`]) instead of by a Unicode regex, whose per-piece
+///   anchored search was half the cost. Restricted to ASCII the pattern's
+///   classes are plain byte ranges (`\p{Lu}` = `A-Z`, `\p{Ll}` = `a-z`,
+///   `\p{N}` = `0-9`, `\s` = `\t\n\x0B\x0C\r `; `\p{Lt}`, `\p{Lm}`,
+///   `\p{Lo}`, `\p{M}` are empty), and the tests hold the pieces to
+///   `bpe_openai`'s on random ASCII text.
+/// * A piece that is itself a token is that one token — in tiktoken (which
+///   looks a piece up before merging) and in `bpe` (whose dictionary is
+///   checked so that every token encodes to itself) — so the ASCII tokens of
+///   up to 16 bytes are kept in a hash set ([`Singles`]) and such a piece is
+///   counted without running the BPE (about 98% of English pieces). Other
+///   pieces go to `bpe`'s `count`.
+///
+/// Text with any non-ASCII byte goes through `bpe_openai` unchanged.
+mod o200k {
+    use std::sync::LazyLock;
+
+    use bpe_openai::byte_pair_encoding::BytePairEncoding;
+
+    /// The o200k_base token count of `text`.
+    pub(super) fn count(text: &str) -> usize {
+        let tokenizer = bpe_openai::o200k_base();
+        let bytes = text.as_bytes();
+        if !bytes.is_ascii() {
+            return tokenizer.count(text);
+        }
+        let singles = &*SINGLES;
+        let mut tokens = 0;
+        let mut start = 0;
+        while let Some(piece) = bytes.get(start..piece_end(bytes, start)).filter(|p| !p.is_empty()) {
+            tokens += if singles.contains(piece) {
+                1
+            } else {
+                tokenizer.bpe.count(piece)
+            };
+            start += piece.len();
+        }
+        tokens
+    }
+
+    #[inline]
+    fn is_space(b: u8) -> bool {
+        matches!(b, b'\t' | b'\n' | 0x0B | 0x0C | b'\r' | b' ')
+    }
+
+    /// `[^\s\p{L}\p{N}]` on ASCII.
+    #[inline]
+    fn is_symbol(b: u8) -> bool {
+        !is_space(b) && !b.is_ascii_alphanumeric()
+    }
+
+    /// Where the piece of ASCII `text` that starts at `start` ends: the end
+    /// of the anchored leftmost-first match at `start` of o200k's pattern
+    ///
+    /// ```text
+    /// [^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?
+    /// |[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?
+    /// |\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+
+    /// ```
+    ///
+    /// (`start` itself when `start` is at or past the end).
+    pub(super) fn piece_end(text: &[u8], start: usize) -> usize {
+        let at = |i: usize| text.get(i).copied();
+        let Some(first) = at(start) else { return start };
+        // The two letter branches: an optional non-letter, non-digit,
+        // non-newline, then upper case and lower case runs (one of them
+        // non-empty; either branch ends at the end of both runs), then a
+        // contraction.
+        let letters = if first.is_ascii_alphabetic() {
+            Some(start)
+        } else if !matches!(first, b'\r' | b'\n')
+            && !first.is_ascii_digit()
+            && at(start + 1).is_some_and(|b| b.is_ascii_alphabetic())
+        {
+            Some(start + 1)
+        } else {
+            None
+        };
+        if let Some(mut end) = letters {
+            while at(end).is_some_and(|b| b.is_ascii_uppercase()) {
+                end += 1;
+            }
+            while at(end).is_some_and(|b| b.is_ascii_lowercase()) {
+                end += 1;
+            }
+            if at(end) == Some(b'\'') {
+                match (
+                    at(end + 1).map(|b| b.to_ascii_lowercase()),
+                    at(end + 2).map(|b| b.to_ascii_lowercase()),
+                ) {
+                    (Some(b's' | b't' | b'm' | b'd'), _) => return end + 2,
+                    (Some(b'r' | b'v'), Some(b'e')) | (Some(b'l'), Some(b'l')) => return end + 3,
+                    _ => {}
+                }
+            }
+            return end;
+        }
+        // `\p{N}{1,3}`
+        if first.is_ascii_digit() {
+            let mut end = start + 1;
+            while end < start + 3 && at(end).is_some_and(|b| b.is_ascii_digit()) {
+                end += 1;
+            }
+            return end;
+        }
+        // ` ?[^\s\p{L}\p{N}]+[\r\n/]*`
+        let symbols = if is_symbol(first) {
+            Some(start)
+        } else if first == b' ' && at(start + 1).is_some_and(is_symbol) {
+            Some(start + 1)
+        } else {
+            None
+        };
+        if let Some(mut end) = symbols {
+            while at(end).is_some_and(is_symbol) {
+                end += 1;
+            }
+            while matches!(at(end), Some(b'\r' | b'\n' | b'/')) {
+                end += 1;
+            }
+            return end;
+        }
+        // Every other ASCII byte is whitespace: the run from `start`.
+        let mut end = start;
+        let mut last_newline = None;
+        while let Some(b) = at(end).filter(|&b| is_space(b)) {
+            if matches!(b, b'\r' | b'\n') {
+                last_newline = Some(end);
+            }
+            end += 1;
+        }
+        match last_newline {
+            // `\s*[\r\n]+`: up to the run's last line break.
+            Some(newline) => newline + 1,
+            // `\s+(?!\S)` at the end of the text: the whole run.
+            None if end == text.len() => end,
+            // `\s+(?!\S)` before a non-space: all but the last character,
+            // which joins the next piece.
+            None if end - start >= 2 => end - 1,
+            // `\s+`
+            None => end,
+        }
+    }
+
+    /// Slots of the table of tokens of up to 8 bytes (105,590 of them).
+    const SHORT_BITS: u32 = 18;
+    /// Slots of the table of tokens of 9 to 16 bytes (22,970 of them).
+    const LONG_BITS: u32 = 16;
+
+    /// The ASCII tokens of o200k_base of 1 to 16 bytes, as two
+    /// open-addressing sets of their bytes packed little-endian into an
+    /// integer (zero-padded: no token byte is zero, so the packing is
+    /// one-to-one; 0 marks an empty slot). 3 MiB, built once (about 10 ms)
+    /// by [`super::Tokenizer::preload`] or the first count.
+    pub(super) struct Singles {
+        short: Box<[u64]>,
+        long: Box<[u128]>,
+    }
+
+    static SINGLES: LazyLock<Singles> = LazyLock::new(|| Singles::of(&bpe_openai::o200k_base().bpe));
+
+    /// `bytes` packed, if they could be a key: 1 to 16 bytes of ASCII
+    /// without zero.
+    #[inline]
+    fn key(bytes: &[u8]) -> Option<u128> {
+        if bytes.is_empty() || bytes.len() > 16 || bytes.iter().any(|&b| b == 0 || b >= 0x80) {
+            return None;
+        }
+        let mut padded = [0u8; 16];
+        padded.get_mut(..bytes.len())?.copy_from_slice(bytes);
+        Some(u128::from_le_bytes(padded))
+    }
+
+    #[inline]
+    fn home(key: u64, bits: u32) -> usize {
+        (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - bits)) as usize
+    }
+
+    /// Inserts `key` with linear probing (the tables are at most 40% full,
+    /// so a free slot is near).
+    fn insert<K: Copy + Default + PartialEq>(table: &mut [K], key: K, home: usize) {
+        let mask = table.len() - 1;
+        for step in 0..table.len() {
+            let Some(entry) = table.get_mut((home + step) & mask) else {
+                return;
+            };
+            if *entry == key || *entry == K::default() {
+                *entry = key;
+                return;
+            }
+        }
+    }
+
+    impl Singles {
+        fn of(bpe: &BytePairEncoding) -> Singles {
+            let mut singles = Singles {
+                short: vec![0; 1 << SHORT_BITS].into_boxed_slice(),
+                long: vec![0; 1 << LONG_BITS].into_boxed_slice(),
+            };
+            for id in 0..u32::try_from(bpe.num_tokens()).unwrap_or(u32::MAX) {
+                let bytes = bpe.token_bytes(id);
+                match key(bytes) {
+                    Some(key) if bytes.len() <= 8 => {
+                        insert(&mut singles.short, key as u64, home(key as u64, SHORT_BITS))
+                    }
+                    Some(key) => insert(&mut singles.long, key, home(fold(key), LONG_BITS)),
+                    None => {}
+                }
+            }
+            singles
+        }
+
+        /// Whether `piece` is a token (of the ASCII tokens kept).
+        #[inline]
+        pub(super) fn contains(&self, piece: &[u8]) -> bool {
+            let Some(key) = key(piece) else { return false };
+            let mask64 = self.short.len() - 1;
+            let mask128 = self.long.len() - 1;
+            if piece.len() <= 8 {
+                let key = key as u64;
+                let mut slot = home(key, SHORT_BITS);
+                for _ in 0..=mask64 {
+                    match self.short.get(slot & mask64) {
+                        Some(&k) if k == key => return true,
+                        Some(&0) | None => return false,
+                        Some(_) => slot += 1,
+                    }
+                }
+            } else {
+                let mut slot = home(fold(key), LONG_BITS);
+                for _ in 0..=mask128 {
+                    match self.long.get(slot & mask128) {
+                        Some(&k) if k == key => return true,
+                        Some(&0) | None => return false,
+                        Some(_) => slot += 1,
+                    }
+                }
+            }
+            false
+        }
+    }
+
+    #[inline]
+    fn fold(key: u128) -> u64 {
+        (key as u64) ^ ((key >> 64) as u64).rotate_left(29)
+    }
+
+    #[cfg(test)]
+    #[allow(clippy::unwrap_used)]
+    mod tests {
+        use super::*;
+
+        /// The pieces of ASCII `text` by [`piece_end`].
+        fn pieces(text: &str) -> Vec<&str> {
+            let mut out = Vec::new();
+            let mut start = 0;
+            while start < text.len() {
+                let end = piece_end(text.as_bytes(), start);
+                assert!(end > start, "{text:?} at {start}");
+                out.push(&text[start..end]);
+                start = end;
+            }
+            out
+        }
+
+        proptest::proptest! {
+            #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2048))]
+            /// The hand-written pre-tokenizer splits ASCII text exactly as
+            /// `bpe_openai`'s regex does, and the fast count is its count:
+            /// letters of both cases, contractions in both cases and cut
+            /// short, digit runs, symbols, '/', every ASCII whitespace and
+            /// control byte, runs of them, and the end of the text.
+            #[test]
+            fn ascii_pieces_and_counts_are_bpe_openais(text in "([a-z]{1,6}|[A-Z]{1,4}|[A-Za-z]{1,6}|'|'[stmdSTMD]|'(re|ve|ll|RE|Ve|lL)|'[rvl]|[0-9]{1,5}|[ \t]{1,3}|\r|\n{1,2}|\r\n|[\x0b\x0c\x00-\x08\x0e-\x1f\x7f]|[!-/:-@\\[-`{-~]{1,3}|/|<\\|endoftext\\|>| ){0,40}") {
+                let reference: Vec<&str> = bpe_openai::o200k_base().split(&text).collect();
+                proptest::prop_assert_eq!(pieces(&text), reference, "{:?}", text);
+                proptest::prop_assert_eq!(count(&text), bpe_openai::o200k_base().count(text.as_str()), "{:?}", text);
+            }
+        }
+
+        #[test]
+        fn singles_are_exactly_the_short_ascii_tokens() {
+            let bpe = &bpe_openai::o200k_base().bpe;
+            let singles = &*SINGLES;
+            let mut kept = 0;
+            for id in 0..u32::try_from(bpe.num_tokens()).unwrap() {
+                let bytes = bpe.token_bytes(id);
+                let expected = key(bytes).is_some();
+                assert_eq!(singles.contains(bytes), expected, "{bytes:?}");
+                kept += usize::from(expected);
+            }
+            assert_eq!(kept, 105_590 + 22_970);
+            // Not tokens: a long word, a made-up word, a piece with a zero
+            // byte or a non-ASCII byte, the empty piece.
+            for piece in [&b" internationalization"[..], b" zqxjv", b"a\0", b"\xc3\xa9", b""] {
+                assert!(!singles.contains(piece), "{piece:?}");
+            }
+            // Each of these is one token, and is found.
+            for piece in [&b" the"[..], b"Hello", b" merchant", b"\n\n", b"!"] {
+                assert_eq!(bpe.count(piece), 1, "{piece:?}");
+                assert!(singles.contains(piece), "{piece:?}");
+            }
+        }
+
+        #[test]
+        fn hand_checked_pieces() {
+            for (text, expected) in [
+                (
+                    "Hello, I'm DON'T  worry\n\n  12345 /path//x\t!",
+                    &[
+                        "Hello", ",", " I'm", " DON'T", " ", " worry", "\n\n", " ", " ", "123", "45", " /", "path",
+                        "//", "x", "\t", "!",
+                    ][..],
+                ),
+                ("a   ", &["a", "   "]),
+                ("", &[]),
+            ] {
+                assert_eq!(pieces(text), expected, "{text:?}");
+                assert_eq!(
+                    bpe_openai::o200k_base().split(text).collect::<Vec<_>>(),
+                    expected,
+                    "{text:?}"
+                );
+            }
+        }
     }
 }
 

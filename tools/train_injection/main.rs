@@ -37,7 +37,9 @@
 //! Other flags: `--quick` (one configuration, from the environment:
 //! LAMBDA, EPOCHS, BENIGN_WEIGHT, SYNTHETIC, SYNTHETIC_WEIGHT, AVERAGE,
 //! SATML_WEIGHT), `--dump-oof PATH` (out-of-fold scores per row, JSON
-//! lines), `--time FILE` (time the detector's parts on a text).
+//! lines), `--time FILE` (time the detector's parts on a text),
+//! `--check-rules` (prove the rules' literal groups sound and check that
+//! the literal scan changes no rule hit on any row of `--data`).
 //!
 //! Deterministic: the same data gives the same bytes.
 
@@ -473,6 +475,7 @@ fn main() {
     let mut quick = false;
     let mut dump: Option<PathBuf> = None;
     let mut time: Option<String> = None;
+    let mut check = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -481,13 +484,18 @@ fn main() {
             "--quick" => quick = true,
             "--dump-oof" => dump = Some(args.next().expect("--dump-oof PATH").into()),
             "--time" => time = Some(args.next().expect("--time FILE")),
+            "--check-rules" => check = true,
             other => panic!(
-                "unknown argument {other} (expected --data PATH, --out DIR, --quick, --dump-oof PATH, --time FILE)"
+                "unknown argument {other} (expected --data PATH, --out DIR, --quick, --dump-oof PATH, --time FILE, --check-rules)"
             ),
         }
     }
     if let Some(file) = time {
         time_components(&file, &data);
+        return;
+    }
+    if check {
+        check_rules(&data);
         return;
     }
     let raw = std::fs::read(&data).unwrap_or_else(|e| panic!("reading {}: {e}", data.display()));
@@ -860,4 +868,212 @@ fn time_components(path: &str, data: &std::path::Path) {
     time("logit windows", &mut || {
         std::hint::black_box(q.linear().logit(&main, &mut scratch));
     });
+}
+
+/// The strings a sub-pattern can match in a canonical view, when they are
+/// few and short: `None` otherwise. Canonical views hold no whitespace but
+/// single spaces (`normalize::canonical`), so a whitespace class matches
+/// only " " and a repetition of it at most one; every other class keeps
+/// its bytes. The result over-approximates what can match, which is the
+/// safe direction for [`covered`].
+fn language(h: &regex_syntax::hir::Hir) -> Option<Vec<Vec<u8>>> {
+    use regex_syntax::hir::{Class, HirKind};
+    const MAX_STRINGS: usize = 4096;
+    const MAX_LEN: usize = 256;
+    fn product(a: &[Vec<u8>], b: &[Vec<u8>]) -> Option<Vec<Vec<u8>>> {
+        if a.len() * b.len() > MAX_STRINGS {
+            return None;
+        }
+        let mut out = Vec::with_capacity(a.len() * b.len());
+        for x in a {
+            for y in b {
+                if x.len() + y.len() > MAX_LEN {
+                    return None;
+                }
+                out.push([x.as_slice(), y.as_slice()].concat());
+            }
+        }
+        out.sort();
+        out.dedup();
+        Some(out)
+    }
+    let whitespace = |b: u8| matches!(b, b'\t' | b'\n' | 0x0B | 0x0C | b'\r' | b' ');
+    match h.kind() {
+        HirKind::Empty | HirKind::Look(_) => Some(vec![Vec::new()]),
+        HirKind::Literal(l) => Some(vec![l.0.to_vec()]),
+        HirKind::Class(Class::Bytes(c)) => {
+            let mut bytes: Vec<u8> = c.ranges().iter().flat_map(|r| r.start()..=r.end()).collect();
+            // Whitespace other than a space never occurs in a canonical view.
+            bytes.retain(|&b| b == b' ' || !whitespace(b));
+            (bytes.len() <= 16).then(|| bytes.into_iter().map(|b| vec![b]).collect())
+        }
+        HirKind::Class(Class::Unicode(_)) => None,
+        HirKind::Capture(c) => language(&c.sub),
+        HirKind::Repetition(r) => {
+            let sub = language(&r.sub)?;
+            if sub == [b" ".to_vec()] {
+                // No two spaces in a row in a canonical view.
+                return Some(if r.min == 0 {
+                    vec![Vec::new(), b" ".to_vec()]
+                } else {
+                    vec![b" ".to_vec()]
+                });
+            }
+            let max = r.max?;
+            let mut out = Vec::new();
+            let mut power = vec![Vec::new()];
+            for n in 0..=max {
+                if n >= r.min {
+                    out.extend(power.iter().cloned());
+                }
+                if n < max {
+                    power = product(&power, &sub)?;
+                }
+                if out.len() > MAX_STRINGS {
+                    return None;
+                }
+            }
+            out.sort();
+            out.dedup();
+            Some(out)
+        }
+        HirKind::Concat(xs) => xs
+            .iter()
+            .try_fold(vec![Vec::new()], |acc, x| product(&acc, &language(x)?)),
+        HirKind::Alternation(xs) => {
+            let mut out = Vec::new();
+            for x in xs {
+                out.extend(language(x)?);
+                if out.len() > MAX_STRINGS {
+                    return None;
+                }
+            }
+            out.sort();
+            out.dedup();
+            Some(out)
+        }
+    }
+}
+
+/// Whether every string `h` can match in a canonical view contains one of
+/// `literals`: proven structurally (a concatenation is covered when one of
+/// its parts, or the joined strings of a run of its parts, is; an
+/// alternation when each branch is; a repetition of at least one when its
+/// body is). `false` means "not proven".
+fn covered(h: &regex_syntax::hir::Hir, literals: &[&str]) -> bool {
+    use regex_syntax::hir::HirKind;
+    let all_contain = |lang: &[Vec<u8>]| {
+        !lang.is_empty()
+            && lang
+                .iter()
+                .all(|s| literals.iter().any(|k| s.windows(k.len()).any(|w| w == k.as_bytes())))
+    };
+    if language(h).is_some_and(|lang| all_contain(&lang)) {
+        return true;
+    }
+    match h.kind() {
+        HirKind::Capture(c) => covered(&c.sub, literals),
+        // A match of `x{m,}` starts with m matches of `x`.
+        HirKind::Repetition(r) => {
+            r.min >= 1
+                && (covered(&r.sub, literals)
+                    || language(&r.sub).is_some_and(|sub| {
+                        (1..r.min)
+                            .try_fold(sub.clone(), |acc, _| {
+                                (acc.len() * sub.len() <= 4096).then(|| {
+                                    acc.iter()
+                                        .flat_map(|a| sub.iter().map(move |b| [a.as_slice(), b.as_slice()].concat()))
+                                        .collect::<Vec<_>>()
+                                })
+                            })
+                            .is_some_and(|lang| all_contain(&lang))
+                    }))
+        }
+        HirKind::Alternation(xs) => xs.iter().all(|x| covered(x, literals)),
+        HirKind::Concat(xs) => {
+            xs.iter().any(|x| covered(x, literals))
+                || (0..xs.len()).any(|i| {
+                    (i + 2..=xs.len()).any(|j| {
+                        xs[i..j]
+                            .iter()
+                            .try_fold(vec![Vec::new()], |acc: Vec<Vec<u8>>, x| {
+                                let l = language(x)?;
+                                (acc.len() * l.len() <= 4096).then(|| {
+                                    acc.iter()
+                                        .flat_map(|a| l.iter().map(move |b| [a.as_slice(), b.as_slice()].concat()))
+                                        .collect()
+                                })
+                            })
+                            .is_some_and(|lang| all_contain(&lang))
+                    })
+                })
+        }
+        _ => false,
+    }
+}
+
+/// `--check-rules`: (1) proves from each rule's syntax tree that every
+/// match in a canonical view contains a literal of each of its groups
+/// (`rules::Rule::requires`), and (2) checks on every view of every row of
+/// `data` (all splits, all sources) that the rule hits with the literal
+/// scan are exactly those of running every regex. Exits non-zero on any
+/// failure.
+fn check_rules(data: &std::path::Path) {
+    let mut failures = 0usize;
+    for rule in rules::RULES {
+        let hir = regex_syntax::ParserBuilder::new()
+            .utf8(false)
+            .build()
+            .parse(&format!("(?-u){}", rule.pattern))
+            .expect("rule pattern parses");
+        for group in rule.requires {
+            if !covered(&hir, group) {
+                eprintln!(
+                    "rule {}: not proven that every match contains one of {group:?}",
+                    rule.id
+                );
+                failures += 1;
+            }
+        }
+    }
+    eprintln!(
+        "literal groups: {} rules, {} groups proven, {failures} not proven",
+        rules::RULES.len(),
+        rules::RULES.iter().map(|r| r.requires.len()).sum::<usize>()
+    );
+    let text = std::fs::read_to_string(data).expect("data");
+    let (mut rows, mut views, mut hits, mut ran) = (0usize, 0usize, 0usize, 0usize);
+    let compiled = rules::compiled().expect("rules compile");
+    for line in text.lines() {
+        let v: Value = serde_json::from_str(line).expect("JSON line");
+        let t = v["text"].as_str().expect("text");
+        rows += 1;
+        for view in normalize::views(t).views {
+            views += 1;
+            let mut filtered = Vec::new();
+            rules::match_text(&view.text, &mut filtered);
+            let mut all = Vec::new();
+            rules::match_text_unfiltered(&view.text, &mut all);
+            if filtered != all {
+                eprintln!("row {}: filtered {filtered:?} != unfiltered {all:?}", v["id"]);
+                failures += 1;
+            }
+            hits += all.len();
+            // How many regexes the scan lets through (for the report).
+            ran += rules::RULES
+                .iter()
+                .zip(compiled)
+                .filter(|(r, _)| r.requires.iter().all(|g| g.iter().any(|k| view.text.contains(k))))
+                .count();
+        }
+    }
+    eprintln!(
+        "rows {rows}, views {views}: rule hits {hits}, identical with and without the scan: {}; regexes run per view {:.2} of {}",
+        if failures == 0 { "yes" } else { "NO" },
+        ran as f64 / views.max(1) as f64,
+        rules::RULES.len()
+    );
+    if failures > 0 {
+        std::process::exit(1);
+    }
 }

@@ -181,14 +181,16 @@ pub fn despace(text: &str) -> Option<String> {
     // not joined.
     let b = text.as_bytes();
     let alnum = |i: usize| b.get(i).is_some_and(u8::is_ascii_alphanumeric);
+    // The repeated separator first: it rejects almost every position with
+    // two loads and a compare.
     let spelled = (0..b.len().saturating_sub(4)).any(|i| {
-        alnum(i)
-            && (i == 0 || !alnum(i - 1) && b[i - 1] < 0x80)
+        b[i + 3] == b[i + 1]
             && SEPARATORS.contains(&char::from(b[i + 1]))
+            && alnum(i)
             && alnum(i + 2)
-            && b[i + 3] == b[i + 1]
             && alnum(i + 4)
             && !alnum(i + 5)
+            && (i == 0 || !alnum(i - 1) && b[i - 1] < 0x80)
     });
     if !spelled {
         return None;
@@ -406,50 +408,76 @@ pub fn canonical(text: &str) -> String {
     canonical_unicode(text)
 }
 
-/// [`canonical`] of ASCII text (already NFKC; no look-alikes): byte by
-/// byte, with words that hold a digit folded by [`fold_word`].
+/// [`canonical`] of ASCII text (already NFKC; no look-alikes): lower case
+/// and whitespace collapsed in one pass over the bytes, then the words that
+/// hold a digit folded by [`fold_word`]. Folding after lower-casing gives
+/// the same text as before it: `fold_word`'s decisions do not depend on
+/// case on ASCII, and it maps digits to lower-case letters.
 fn canonical_ascii(text: &[u8]) -> String {
-    let mut out: Vec<u8> = Vec::with_capacity(text.len());
-    let mut space = false;
-    let mut i = 0;
-    while let Some(&b) = text.get(i) {
-        if b.is_ascii_alphanumeric() {
-            // A word: the run of letters and digits.
-            let start = i;
-            let mut digit = false;
-            while let Some(&c) = text.get(i).filter(|c| c.is_ascii_alphanumeric()) {
-                digit |= c.is_ascii_digit();
-                i += 1;
+    // `char::is_whitespace` on ASCII.
+    let space = |b: u8| matches!(b, b'\t' | b'\n' | 0x0B | 0x0C | b'\r' | b' ');
+    // Most prompts are already collapsed: single spaces between words, no
+    // other whitespace, none at the ends. Checked without early exits, so
+    // that the loop vectorises; then only the case changes.
+    let pairs = text.iter().zip(text.iter().skip(1));
+    let irregular = text
+        .iter()
+        .fold(0u8, |acc, &b| acc | u8::from((0x09..=0x0D).contains(&b)))
+        != 0
+        || pairs.fold(0u8, |acc, (&a, &b)| acc | (u8::from(a == b' ') & u8::from(b == b' '))) != 0
+        || text.first() == Some(&b' ')
+        || text.last() == Some(&b' ');
+    let mut out: Vec<u8> = if irregular {
+        let mut out = Vec::with_capacity(text.len());
+        let mut pending = false;
+        for &b in text {
+            if space(b) {
+                pending = true;
+                continue;
             }
-            if space && !out.is_empty() {
+            if pending && !out.is_empty() {
                 out.push(b' ');
             }
-            space = false;
-            let word = &text[start..i];
-            if digit {
-                let mut chars: Vec<char> = word.iter().map(|&b| char::from(b)).collect();
-                fold_word(&mut chars);
-                // Folding maps ASCII to ASCII.
-                out.extend(chars.iter().map(|c| (*c as u8).to_ascii_lowercase()));
-            } else {
-                out.extend(word.iter().map(u8::to_ascii_lowercase));
-            }
-            continue;
+            pending = false;
+            out.push(b);
         }
-        i += 1;
-        // `char::is_whitespace` on ASCII.
-        if matches!(b, b'\t' | b'\n' | 0x0B | 0x0C | b'\r' | b' ') {
-            space = true;
-            continue;
-        }
-        if space && !out.is_empty() {
-            out.push(b' ');
-        }
-        space = false;
-        out.push(b.to_ascii_lowercase());
-    }
+        out
+    } else {
+        text.to_vec()
+    };
+    out.make_ascii_lowercase();
+    fold_ascii_words(&mut out);
     // Only ASCII bytes were written.
     String::from_utf8(out).unwrap_or_default()
+}
+
+/// Applies [`fold_word`] to every word (run of ASCII letters and digits) of
+/// `text` that holds a digit, in place (folding maps ASCII to ASCII).
+fn fold_ascii_words(text: &mut [u8]) {
+    let mut chars: Vec<char> = Vec::new();
+    let mut from = 0;
+    // From each digit, out to the ends of its word.
+    while let Some(digit) = text
+        .get(from..)
+        .and_then(|rest| rest.iter().position(u8::is_ascii_digit))
+    {
+        let at = from + digit;
+        let start = text[..at]
+            .iter()
+            .rposition(|b| !b.is_ascii_alphanumeric())
+            .map_or(0, |p| p + 1);
+        let end = text[at..]
+            .iter()
+            .position(|b| !b.is_ascii_alphanumeric())
+            .map_or(text.len(), |p| at + p);
+        chars.clear();
+        chars.extend(text[start..end].iter().map(|&b| char::from(b)));
+        fold_word(&mut chars);
+        for (b, c) in text[start..end].iter_mut().zip(&chars) {
+            *b = (*c as u8).to_ascii_lowercase();
+        }
+        from = end;
+    }
 }
 
 /// [`canonical`] of any text.
@@ -702,8 +730,39 @@ pub fn decode_embedded(text: &str) -> Vec<(Origin, String)> {
     out
 }
 
+/// Byte classes for the decoders' scans: one table load per byte instead
+/// of a chain of range compares.
+const ALNUM: u8 = 1;
+const BASE64: u8 = 2;
+const HEX_START: u8 = 4;
+static CLASSES: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        let mut class = 0;
+        if c.is_ascii_alphanumeric() {
+            class |= ALNUM | BASE64;
+        }
+        if matches!(c, b'+' | b'/' | b'-' | b'_') {
+            class |= BASE64;
+        }
+        if c.is_ascii_hexdigit() || matches!(c, b'\\' | b'%') {
+            class |= HEX_START;
+        }
+        table[b] = class;
+        b += 1;
+    }
+    table
+};
+
+#[inline]
+fn class(b: u8) -> u8 {
+    CLASSES[usize::from(b)]
+}
+
 fn is_base64_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'-' | b'_')
+    class(b) & BASE64 != 0
 }
 
 fn base64_runs(bytes: &[u8], out: &mut Vec<(Origin, String)>) {
@@ -772,7 +831,7 @@ fn coded_runs(bytes: &[u8], out: &mut Vec<(Origin, String)>) {
         coded_scan(
             bytes,
             Origin::Hex,
-            |b| b.is_ascii_hexdigit() || matches!(b, b'\\' | b'%'),
+            |b| class(b) & HEX_START != 0,
             parse_hex,
             &mut decoded,
             out,
@@ -804,7 +863,7 @@ fn coded_scan(
     let mut i = 0;
     while i < bytes.len() {
         // Sequences start at a token boundary only.
-        if !can_start(bytes[i]) || (i > 0 && bytes[i - 1].is_ascii_alphanumeric()) {
+        if !can_start(bytes[i]) || (i > 0 && class(bytes[i - 1]) & ALNUM != 0) {
             i += 1;
             continue;
         }
