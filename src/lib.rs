@@ -37,6 +37,7 @@ pub mod forwarded;
 pub mod gateway;
 pub mod json_scan;
 pub mod limits;
+pub mod output;
 pub mod pipeline;
 pub mod reject;
 pub mod request;
