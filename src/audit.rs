@@ -105,6 +105,9 @@ pub struct AuditRecord<'a> {
     /// Every limit rule's verdict: rule, unit, kind, allowed, cost,
     /// remaining, and `fallback: local` when Redis was unreachable.
     pub limits: &'a [crate::limits::admit::RuleOutcome],
+    /// What the output content policy found in the answer: detector,
+    /// action and count of each.
+    pub output: &'a [crate::output::inspect::OutputFinding],
     /// Token usage reported by the upstream, when present.
     pub usage: Option<Usage>,
 }
@@ -205,6 +208,11 @@ impl AuditRecord<'_> {
         value(out, ",\"decisions\":", self.decisions)?;
         value(out, ",\"validation\":", self.validation)?;
         value(out, ",\"limits\":", self.limits)?;
+        if self.output.is_empty() {
+            out.extend_from_slice(b",\"output\":[]");
+        } else {
+            value(out, ",\"output\":", self.output)?;
+        }
         match &self.usage {
             // The derived form, field by field: the derive's struct
             // machinery cost more than the numbers.
@@ -431,6 +439,19 @@ mod tests {
     use super::*;
     use crate::authz::{Decision, Shadow};
 
+    const FINDINGS: &[crate::output::inspect::OutputFinding] = &[
+        crate::output::inspect::OutputFinding {
+            detector: "card",
+            action: "redact",
+            count: 2,
+        },
+        crate::output::inspect::OutputFinding {
+            detector: "jwt",
+            action: "flag",
+            count: 1,
+        },
+    ];
+
     fn record<'a>(tenants: &'a [String], decisions: &'a [Decision], full: bool) -> AuditRecord<'a> {
         let some = |s: &'a str| full.then_some(s);
         AuditRecord {
@@ -471,6 +492,7 @@ mod tests {
             decisions,
             validation: &[],
             limits: &[],
+            output: if full { FINDINGS } else { &[] },
             usage: full.then_some(Usage {
                 prompt_tokens: 9,
                 completion_tokens: 13,

@@ -79,6 +79,11 @@ pub struct Exchange {
     pub validation: Vec<crate::validate::stage::Verdict>,
     /// The prompt's tokens, once counted (by validation or limits).
     pub prompt_tokens: Option<u64>,
+    /// What the output content policy found in the answer.
+    pub output: Vec<crate::output::inspect::OutputFinding>,
+    /// Usage the upstream reported in an answer that was then refused
+    /// (blocked output): still charged and recorded.
+    pub refused_answer_usage: Option<Usage>,
 }
 
 /// Largest client-supplied `x-request-id` kept; longer ones are replaced.
@@ -126,6 +131,8 @@ impl Exchange {
             forwarded_at: None,
             validation: Vec::new(),
             prompt_tokens: None,
+            output: Vec::new(),
+            refused_answer_usage: None,
         }
     }
 
@@ -252,6 +259,7 @@ impl Finisher {
             decisions: &ex.decisions,
             validation: &ex.validation,
             limits,
+            output: &ex.output,
             usage,
         });
         // Settled after the record is written (it holds the verdicts), and

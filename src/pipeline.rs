@@ -129,6 +129,11 @@ async fn life_of_request(
             }
             if route.protocol == Protocol::Openai {
                 ex.stream = request::stream_field(&json)?;
+                // The output policy reads whole answers only: a stream must
+                // not be the way around it.
+                if ex.stream && model.output.is_some() {
+                    return Err(Reject::StreamNotInspected(model.name.clone()));
+                }
             }
             // 4 validate: the shape, parameters, context window, injections
             // and input profile the model accepts.
@@ -189,7 +194,7 @@ async fn life_of_request(
         admission.forwarded();
     }
     ex.forwarded_at = Some(std::time::Instant::now());
-    let answer = upstream::forward(
+    let mut answer = upstream::forward(
         &permit,
         upstream,
         client,
@@ -206,8 +211,17 @@ async fn life_of_request(
     ex.upstream_status = Some(answer.head.status.as_u16());
     ex.upstream_latency = Some(answer.latency);
 
-    // 8 inspect output — built by a later stage. 9 settle: when the
-    // response ends, the finisher settles the admission with the usage.
+    // 8 inspect output: the model's content policy, before any of the
+    // answer reaches the client. A refused answer's usage is still charged.
+    if let Some(scanner) = &model.output
+        && let Err(reject) = crate::output::inspect::inspect_answer(scanner, &mut answer, &mut ex.output)
+    {
+        ex.refused_answer_usage = answer.usage;
+        return Err(reject);
+    }
+
+    // 9 settle: when the response ends, the finisher settles the admission
+    // with the usage.
     Ok(Reply::Upstream(answer))
 }
 
@@ -418,7 +432,8 @@ fn respond(
             let (head, body) = reject.into_parts(ex.protocol);
             tracing::debug!(request_id = ?ex.request_id, reason = reject.code(), "request rejected");
             ex.reject = Some(reject);
-            (head, Source::Full(Some(body)), None)
+            let usage = ex.refused_answer_usage;
+            (head, Source::Full(Some(body)), usage)
         }
     };
     head.headers.insert("x-request-id", ex.request_id.clone());

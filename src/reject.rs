@@ -104,6 +104,20 @@ pub enum Reject {
     /// The upstream answered with something Warden cannot pass on.
     #[error("the model server sent an invalid response")]
     UpstreamInvalid,
+    /// The model's answer matched a `block` detector of its output content
+    /// policy; nothing of it is sent.
+    #[error("the response was blocked by the output content policy")]
+    OutputBlocked,
+    /// The model's answer could not be inspected (not text), so it is not
+    /// sent: an output policy never lets through what it cannot read.
+    #[error("the model's response could not be inspected by the output content policy")]
+    OutputNotInspectable,
+    /// A streamed answer was asked of a model whose output policy inspects
+    /// whole answers only.
+    #[error(
+        "streaming is not available for the model `{0}`: its output content policy inspects whole responses; send the request without `stream`"
+    )]
+    StreamNotInspected(String),
     /// The upstream refused Warden's own credential: a gateway misconfiguration,
     /// not the caller's fault, so it must not look like a client auth error.
     #[error("the model server rejected the gateway's credentials")]
@@ -226,14 +240,16 @@ impl Reject {
             | Reject::PolicyDenied(_)
             | Reject::TenantHeaderNotAllowed(_)
             | Reject::TenantNotAllowed(_)
-            | Reject::ActionDenied(_) => StatusCode::FORBIDDEN,
+            | Reject::ActionDenied(_)
+            | Reject::OutputBlocked => StatusCode::FORBIDDEN,
             Reject::TenantMissing(_)
             | Reject::TenantInvalid(_)
             | Reject::InvalidRequest { .. }
             | Reject::ContextLengthExceeded { .. }
             | Reject::PromptInjection(_)
             | Reject::OutOfDistribution(_)
-            | Reject::InvalidOipInput(_) => StatusCode::BAD_REQUEST,
+            | Reject::InvalidOipInput(_)
+            | Reject::StreamNotInspected(_) => StatusCode::BAD_REQUEST,
             Reject::TooManyAuthFailures(_) | Reject::RateLimited(_) | Reject::QuotaExceeded(_) => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -248,7 +264,10 @@ impl Reject {
             Reject::BodyRead | Reject::InvalidJson(_) | Reject::JsonTooDeep(_) | Reject::InvalidField { .. } => {
                 StatusCode::BAD_REQUEST
             }
-            Reject::UpstreamUnreachable | Reject::UpstreamInvalid | Reject::UpstreamAuth => StatusCode::BAD_GATEWAY,
+            Reject::UpstreamUnreachable
+            | Reject::UpstreamInvalid
+            | Reject::UpstreamAuth
+            | Reject::OutputNotInspectable => StatusCode::BAD_GATEWAY,
             Reject::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Reject::ShuttingDown | Reject::AuthenticationUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -286,6 +305,9 @@ impl Reject {
             Reject::UpstreamTimeout => "upstream_timeout",
             Reject::UpstreamInvalid => "invalid_upstream_response",
             Reject::UpstreamAuth => "upstream_auth_failed",
+            Reject::OutputBlocked => "output_blocked",
+            Reject::OutputNotInspectable => "output_not_inspectable",
+            Reject::StreamNotInspected(_) => "stream_not_supported",
             Reject::ShuttingDown => "shutting_down",
             Reject::AuthenticationUnavailable => "authentication_unavailable",
             Reject::RateLimited(_) => "rate_limit_exceeded",
@@ -309,6 +331,8 @@ impl Reject {
             Reject::RateLimited(o) if o.unit.ends_with("_tokens") => return "tokens",
             Reject::RateLimited(_) => return "requests",
             Reject::QuotaExceeded(_) => return "insufficient_quota",
+            // As the stream's halt event types it (`output::halt_event`).
+            Reject::OutputBlocked => return "content_policy_violation",
             _ => {}
         }
         match self.status() {
@@ -328,6 +352,7 @@ impl Reject {
             Reject::InvalidRequest { param, .. } => param.as_deref(),
             Reject::PromptInjection(place) => Some(place),
             Reject::ContextLengthExceeded { .. } => Some("messages"),
+            Reject::StreamNotInspected(_) => Some("stream"),
             Reject::ModelNotFound(_) | Reject::ModelNotAllowed(_) | Reject::PolicyDenied(_) => Some("model"),
             _ => None,
         }
@@ -346,7 +371,11 @@ impl Reject {
     /// Who is at fault.
     pub fn fault(&self) -> Fault {
         match self {
-            Reject::UpstreamUnreachable | Reject::UpstreamTimeout | Reject::UpstreamInvalid => Fault::Upstream,
+            Reject::UpstreamUnreachable
+            | Reject::UpstreamTimeout
+            | Reject::UpstreamInvalid
+            | Reject::OutputBlocked
+            | Reject::OutputNotInspectable => Fault::Upstream,
             Reject::UpstreamAuth
             | Reject::ShuttingDown
             | Reject::AuthenticationUnavailable

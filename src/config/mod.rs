@@ -351,6 +351,8 @@ pub struct ModelEndpoint {
     pub limits: crate::limits::rules::ModelLimits,
     /// What its requests must look like.
     pub validation: crate::validate::stage::ModelValidation,
+    /// Content policy on its answers, when one is configured.
+    pub output: Option<Arc<crate::output::ContentScanner>>,
 }
 
 /// Where a request names the tenant it touches.
@@ -1234,6 +1236,10 @@ fn check_model(
     }
     let limits = limits::check_model_limits(raw.limits.as_ref(), path, base, errs);
     let validation = validation::check_validation(raw.validation.as_ref(), path, base, protocol, upstreams, errs);
+    let output = raw
+        .output
+        .as_ref()
+        .and_then(|o| check_output(o, &format!("{path}.output"), errs));
     if errs.0.len() != before {
         return None;
     }
@@ -1249,7 +1255,57 @@ fn check_model(
         auth_methods,
         limits,
         validation,
+        output,
     })
+}
+
+/// Checks a model's output content policy and builds its scanner.
+fn check_output(raw: &raw::RawOutput, path: &str, errs: &mut Errors) -> Option<Arc<crate::output::ContentScanner>> {
+    use crate::output::{ContentScanner, Policy, PolicySpec};
+    let before = errs.0.len();
+    // `route` needs a review sink, which is not built yet: refusing it here
+    // is better than a policy that silently does something else.
+    for (detector, action) in &raw.detectors {
+        if action == "route" {
+            errs.push(
+                &format!("{path}.detectors.{detector}"),
+                "`route` is not available yet (flag, redact or block)",
+            );
+        }
+    }
+    if raw.deny_action.as_deref() == Some("route") {
+        errs.push(
+            &format!("{path}.deny_action"),
+            "`route` is not available yet (flag, redact or block)",
+        );
+    }
+    if raw.detectors.is_empty() && raw.deny_terms.is_empty() {
+        errs.push(path, "names no detector and no deny term");
+    }
+    let spec = PolicySpec {
+        detectors: raw.detectors.iter().map(|(d, a)| (d.clone(), a.clone())).collect(),
+        deny_terms: raw.deny_terms.clone(),
+        deny_action: raw.deny_action.clone(),
+    };
+    let policy = match Policy::from_spec(&spec) {
+        Ok(policy) => policy,
+        Err(problems) => {
+            for problem in problems.0 {
+                errs.push(path, problem.to_string());
+            }
+            return None;
+        }
+    };
+    if errs.0.len() != before {
+        return None;
+    }
+    match ContentScanner::new(&policy) {
+        Ok(scanner) => Some(Arc::new(scanner)),
+        Err(e) => {
+            errs.push(path, e.to_string());
+            None
+        }
+    }
 }
 
 /// The models a credential may call: `["*"]` for all, or configured names.

@@ -537,6 +537,29 @@ pub struct RawModel {
     /// What requests to this model must look like before it sees them.
     #[serde(default)]
     pub validation: Option<RawValidation>,
+    /// Content policy on what the model answers (PII, secrets, deny terms).
+    #[serde(default)]
+    pub output: Option<RawOutput>,
+}
+
+/// Output content policy for one model (`models[].output`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOutput {
+    /// Detector name → action (`flag`, `redact` or `block`); detectors not
+    /// listed are off (`route` is not available yet). Names: `email`,
+    /// `phone`, `card`, `us_ssn`, `iban`, `ip`, `aws_access_key_id`, `aws_secret_key`,
+    /// `private_key`, `jwt`, `github_token`, `slack_token`, `stripe_key`,
+    /// `openai_key`, `connection_string`, `credential`.
+    #[serde(default)]
+    pub detectors: std::collections::BTreeMap<String, String>,
+    /// Terms that must not appear in an answer (ASCII case-insensitive,
+    /// whole words).
+    #[serde(default)]
+    pub deny_terms: Vec<String>,
+    /// The action for deny terms; default `redact`.
+    #[serde(default)]
+    pub deny_action: Option<String>,
 }
 
 /// Input validation for one model (`models[].validation`).

@@ -364,3 +364,34 @@ fn oip_metadata_is_checked_with_its_paths() {
     assert_eq!(signature.inputs[0].shape, [-1, 3]);
     assert_eq!(signature.inputs[0].datatype, crate::validate::oip::Datatype::Fp32);
 }
+
+#[test]
+fn an_output_policy_is_checked_with_every_error_at_its_path() {
+    let good = MINIMAL.replace(
+        "    upstream: up\n",
+        "    upstream: up\n    output:\n      detectors: { card: redact, aws_access_key_id: block }\n      deny_terms: [Project Falcon]\n",
+    );
+    let c = Config::parse(&good, Path::new("/base")).unwrap();
+    assert!(c.models["m"].output.is_some());
+    assert!(
+        Config::parse(MINIMAL, Path::new("/base")).unwrap().models["m"]
+            .output
+            .is_none()
+    );
+
+    let bad = MINIMAL.replace(
+        "    upstream: up\n",
+        "    upstream: up\n    output:\n      detectors: { credit_card: redact, email: route, jwt: hide }\n      deny_terms: ['  ']\n",
+    );
+    let errors = Config::parse(&bad, Path::new("/base")).unwrap_err().to_string();
+    for expected in [
+        "credit_card",
+        "models[0].output.detectors.email",
+        "`route` is not available",
+        "`hide`",
+    ] {
+        assert!(errors.contains(expected), "{expected} missing from: {errors}");
+    }
+    let empty = MINIMAL.replace("    upstream: up\n", "    upstream: up\n    output: {}\n");
+    assert_eq!(paths(&empty), ["models[0].output"]);
+}

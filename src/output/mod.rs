@@ -33,6 +33,7 @@
 
 mod check;
 mod detect;
+pub mod inspect;
 mod stream;
 #[cfg(test)]
 mod tests;

@@ -17,6 +17,7 @@ mod listener;
 mod mtls;
 mod opa;
 mod openai_client;
+mod output_policy;
 mod policy;
 mod policy_reload;
 mod rate_limits;
