@@ -82,7 +82,11 @@ fn load(path: &str) -> (Vec<Row>, BTreeMap<String, usize>) {
                     None => *uncovered.entry(label.to_owned()).or_insert(0) += 1,
                 }
             }
-            Row { text, gold, dev: v["split"].as_str() == Some("dev") }
+            Row {
+                text,
+                gold,
+                dev: v["split"].as_str() == Some("dev"),
+            }
         })
         .collect();
     (rows, uncovered)
@@ -114,7 +118,11 @@ fn score(scanner: &ContentScanner, rows: &[&Row]) -> BTreeMap<Kind, Counts> {
 }
 
 fn pct(n: usize, d: usize) -> String {
-    if d == 0 { "–".to_owned() } else { format!("{:.1}% ({n}/{d})", 100.0 * n as f64 / d as f64) }
+    if d == 0 {
+        "–".to_owned()
+    } else {
+        format!("{:.1}% ({n}/{d})", 100.0 * n as f64 / d as f64)
+    }
 }
 
 /// Changes the last digit of `text[start..end]`.
@@ -167,7 +175,10 @@ fn main() {
     let scanner = ContentScanner::new(&Policy::all(Action::Redact)).unwrap();
 
     println!("# Output content policy: detection and cost\n");
-    println!("Command: `cargo bench --bench output` (data: `{path}`, {} rows)\n", rows.len());
+    println!(
+        "Command: `cargo bench --bench output` (data: `{path}`, {} rows)\n",
+        rows.len()
+    );
     let all: Vec<&Row> = rows.iter().collect();
     let dev: Vec<&Row> = rows.iter().filter(|r| r.dev).collect();
     let c_all = score(&scanner, &all);
@@ -188,15 +199,34 @@ fn main() {
             pct(d.tp, d.gold)
         );
     }
-    let total = c_all.values().fold(Counts::default(), |s, c| Counts { tp: s.tp + c.tp, fp: s.fp + c.fp, gold: s.gold + c.gold });
-    println!("| **all covered** | {} | {} | {} | | |", total.gold, pct(total.tp, total.tp + total.fp), pct(total.tp, total.gold));
+    let total = c_all.values().fold(Counts::default(), |s, c| Counts {
+        tp: s.tp + c.tp,
+        fp: s.fp + c.fp,
+        gold: s.gold + c.gold,
+    });
+    println!(
+        "| **all covered** | {} | {} | {} | | |",
+        total.gold,
+        pct(total.tp, total.tp + total.fp),
+        pct(total.tp, total.gold)
+    );
     println!(
         "\nNot covered (no detector): {}. No labelled data for `private_key` and `connection_string` (unit tests only).",
-        uncovered.iter().map(|(k, n)| format!("{k} ({n} spans)")).collect::<Vec<_>>().join(", ")
+        uncovered
+            .iter()
+            .map(|(k, n)| format!("{k} ({n} spans)"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let negatives = rows.iter().filter(|r| r.gold.is_empty()).count();
-    let neg_hits = rows.iter().filter(|r| r.gold.is_empty() && !scanner.scan(&r.text).findings.is_empty()).count();
-    println!("\nHard-negative rows (no labelled span: order numbers, SHAs, digests, UUIDs, versions, prose) with any finding: {}", pct(neg_hits, negatives));
+    let neg_hits = rows
+        .iter()
+        .filter(|r| r.gold.is_empty() && !scanner.scan(&r.text).findings.is_empty())
+        .count();
+    println!(
+        "\nHard-negative rows (no labelled span: order numbers, SHAs, digests, UUIDs, versions, prose) with any finding: {}",
+        pct(neg_hits, negatives)
+    );
 
     let mut corrupted = [(0usize, 0usize); 2];
     for row in &rows {
@@ -208,7 +238,12 @@ fn main() {
             };
             let Some(text) = corrupt(&row.text, s, e) else { continue };
             corrupted[slot].0 += 1;
-            if scanner.scan(&text).findings.iter().any(|f| f.kind == k && f.start < e && f.end > s) {
+            if scanner
+                .scan(&text)
+                .findings
+                .iter()
+                .any(|f| f.kind == k && f.start < e && f.end > s)
+            {
                 corrupted[slot].1 += 1;
             }
         }
@@ -232,7 +267,10 @@ fn main() {
     println!("\n## Cost per KB of output (every detector on, median)\n");
     println!("| text | size | findings | whole `redact` | streamed, ~20-byte deltas |");
     println!("|---|---|---|---|---|");
-    for (name, text) in [("clean prose, code, ids", &clean), ("labelled rows with findings", &findings_text)] {
+    for (name, text) in [
+        ("clean prose, code, ids", &clean),
+        ("labelled rows with findings", &findings_text),
+    ] {
         let kb = text.len() as f64 / 1024.0;
         let n = scanner.scan(text).findings.len();
         let whole = support::median_per_call(50, 41, || {
