@@ -514,7 +514,7 @@ fn phone(v: &str, context: bool) -> bool {
     let nanp = groups.len() == 1
         && digits == 10
         && core.bytes().next().is_some_and(|b| b >= b'2')
-        && core.bytes().nth(3).is_some_and(|b| b >= b'2');
+        && core.as_bytes().get(3).is_some_and(|&b| b >= b'2');
     international || paren || national || grouped || (nanp && context)
 }
 
