@@ -171,7 +171,6 @@ const PLACEHOLDER_WORDS: &[&str] = &[
     ">",
     "${",
     "{{",
-    "%s",
 ];
 
 /// Whether a token body is an obvious placeholder: a marker word

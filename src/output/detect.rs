@@ -277,7 +277,7 @@ const PATTERNS: &[(Kind, &str, usize, bool, bool)] = &[
     ),
     (
         Kind::Phone,
-        r"(?:\+\d{1,3} ?-?)?(?:\(\d{1,5}\) ?-?)?\d(?:[ .\-]?\d){5,16}(?: ?(?:x|ext\.? ?)\d{1,5})?",
+        r"(?:\+\d{1,3} ?-?)?(?:\(\d{1,5}\) ?-?)?\d(?:[ .\-]?\d){3,16}(?: ?(?:x|ext\.? ?)\d{1,5})?",
         64,
         false,
         true,
@@ -384,7 +384,7 @@ fn validate(kind: Kind, hay: &str, s: usize, e: usize) -> Option<(usize, usize)>
         Kind::Phone => {
             !before.is_some_and(|c| c.is_alphanumeric() || "+-._/:#@$".contains(c))
                 && !continues_number(hay, e)
-                && phone(v)
+                && phone(v, phone_context(hay, s))
         }
         Kind::Card => {
             !before.is_some_and(|c| c.is_alphanumeric() || "-._/+".contains(c)) && !continues_number(hay, e) && card(v)
@@ -476,7 +476,7 @@ fn email(v: &str, before: Option<char>, hay: &str, e: usize) -> bool {
 /// code, at least three digit groups, or a national number starting with 0
 /// (at least 9 digits); never a date, an SSN layout or a dotted non-NANP
 /// number (versions, IPv4).
-fn phone(v: &str) -> bool {
+fn phone(v: &str, context: bool) -> bool {
     let core = match v.find(['x', 'e']) {
         Some(i) => v.get(..i).unwrap_or(v).trim_end(),
         None => v,
@@ -509,7 +509,28 @@ fn phone(v: &str) -> bool {
     let grouped = groups.len() >= 3
         && lens.iter().all(|&l| l <= 4)
         && !(seps.chars().all(|c| c == ' ') && lens.iter().all(|&l| l <= 2) && groups.len() < 5);
-    international || paren || national || grouped
+    // A bare 10-digit NANP number (area and exchange codes start 2-9) only
+    // right after a phone word: bare digit runs are mostly ids and amounts.
+    let nanp = groups.len() == 1
+        && digits == 10
+        && core.bytes().next().is_some_and(|b| b >= b'2')
+        && core.as_bytes().get(3).is_some_and(|&b| b >= b'2');
+    international || paren || national || grouped || (nanp && context)
+}
+
+/// Whether a phone word (`call`, `phone`, `tel`, …) ends within the 24
+/// bytes before `s`.
+fn phone_context(hay: &str, s: usize) -> bool {
+    let mut from = s.saturating_sub(24);
+    while !hay.is_char_boundary(from) {
+        from += 1;
+    }
+    let lead = hay.get(from..s).unwrap_or_default().to_lowercase();
+    [
+        "call", "phone", "tel", "mobile", "cell", "fax", "whatsapp", "sms", "ring", "dial",
+    ]
+    .iter()
+    .any(|w| lead.contains(w))
 }
 
 fn card(v: &str) -> bool {
@@ -520,7 +541,9 @@ fn card(v: &str) -> bool {
     let digits: Vec<u8> = v.bytes().filter(u8::is_ascii_digit).collect();
     let n = digits.len();
     let first = digits.first().copied().unwrap_or(b'0');
-    if !(12..=19).contains(&n) || !(b'2'..=b'6').contains(&first) {
+    // JCB's old 15-digit range starts 1800.
+    let jcb15 = n == 15 && digits.starts_with(b"1800");
+    if !(12..=19).contains(&n) || !((b'2'..=b'6').contains(&first) || jcb15) {
         return false;
     }
     // 12-digit numbers are cards only for Maestro (5x, 6x).
@@ -653,7 +676,19 @@ fn credential(v: &str) -> bool {
         return false;
     }
     let lower = v.to_ascii_lowercase();
-    if v.starts_with(['$', '%', '{', '(', '[', '<'])
+    // Template and environment references, not values. A password may
+    // itself start with `$` or `(`, so only the reference shapes count.
+    let var = v.strip_prefix('$').is_some_and(|r| {
+        r.bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+    });
+    if var
+        || v.starts_with("${")
+        || v.starts_with("$(")
+        || v.starts_with("{{")
+        || v.starts_with("%(")
+        || (v.starts_with('%') && v.ends_with('%'))
+        || v.starts_with('<')
         || lower.starts_with("process.env")
         || lower.starts_with("os.environ")
         || lower.starts_with("env.")

@@ -95,9 +95,11 @@ pub enum Kind {
     Email,
     /// `phone` / `PHONE`: 7–15 digits in a phone-like layout (international
     /// prefix, parentheses or at least three separated groups, or a national
-    /// number starting with 0); dates and IPv4 addresses excluded.
+    /// number starting with 0, or a bare 10-digit NANP number right after a
+    /// phone word); dates and IPv4 addresses excluded.
     Phone,
-    /// `card` / `CARD`: 13–19 digits, IIN starting 2–6, Luhn-valid.
+    /// `card` / `CARD`: 12–19 digits, IIN starting 2–6 (12 digits only for
+    /// Maestro 5x/6x; JCB's 15-digit 1800 range too), Luhn-valid.
     Card,
     /// `us_ssn` / `SSN`: `AAA-GG-SSSS` with the SSA's never-issued ranges
     /// excluded.

@@ -42,9 +42,12 @@ fn positives() -> Vec<(Kind, String, String, String)> {
     add(Kind::Phone, "tel. ", "+44(0)116 496 0423", ".");
     add(Kind::Phone, "Appelez le ", "03 29 61 88 59", " svp");
     add(Kind::Phone, "ring ", "(0808) 157 0158", "");
+    add(Kind::Phone, "Hi, call me on ", "8807725524", ".");
+    add(Kind::Phone, "Tel. ", "(08367) 08611", "");
     add(Kind::Phone, "東京 ", "+81 3-1234-5678", " です");
     add(Kind::Card, "card ", "4111 1111 1111 1111", ", thanks");
     add(Kind::Card, "amex ", "378282246310005", ".");
+    add(Kind::Card, "jcb ", "180033043353492", ".");
     add(Kind::UsSsn, "SSN ", "512-34-7781", ".");
     add(Kind::Iban, "IBAN ", "DE89 3704 0044 0532 0130 00", " (Girokonto)");
     add(Kind::Iban, "to ", "GB82WEST12345698765432", ".");
@@ -70,6 +73,7 @@ fn positives() -> Vec<(Kind, String, String, String)> {
         "@db.internal:5432/app",
     );
     add(Kind::Credential, "db password is ", "xa#dqHbognE60q", "");
+    add(Kind::Credential, "password: ", "(%5EP3kaKiAHP+", "");
     add(Kind::Credential, "api_key: ", "9f8e7d6c5b4a39281706f5e4d3c2b1a0", "\n");
     v
 }
@@ -124,6 +128,8 @@ fn look_alikes_are_not_findings() {
         "Order ORD-48213-XK ships on 2025-03-14; order #123456789 on 14.03.2025 or 03/14/2025",
         "at 12:30:45 from 00:1a:2b:3c:4d:5e via std::fs::read",
         "took 1234567 ms, pi is 3.14159265",
+        "order 8807725524 and invoice 1733200000",
+        "password = $DB_PASSWORD and secret: ${API_SECRET}",
         "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----",
         "eyJhbGciOi... (truncated)",
     ];
