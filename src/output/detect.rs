@@ -152,8 +152,14 @@ impl ContentScanner {
     }
 
     /// A scanner for a text that arrives in pieces.
-    pub fn stream(&self) -> StreamScanner<'_> {
+    pub fn stream(&self) -> StreamScanner<&ContentScanner> {
         StreamScanner::new(self)
+    }
+
+    /// A scanner for a text that arrives in pieces, owning its share of the
+    /// policy (for a stream that outlives the request's stages).
+    pub fn stream_owned(self: &std::sync::Arc<Self>) -> StreamScanner {
+        StreamScanner::new(std::sync::Arc::clone(self))
     }
 
     /// Whether no detector is on.

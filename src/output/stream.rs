@@ -37,6 +37,9 @@
 
 #[cfg(doc)]
 use super::MAX_HOLD_BACK;
+use std::ops::Deref;
+use std::sync::Arc;
+
 use super::detect::{ContentScanner, Pass, resolve};
 use super::{Action, Finding, push_tag};
 
@@ -58,8 +61,8 @@ pub struct Halt {
 
 /// Scans text that arrives in pieces; see the module doc.
 #[derive(Debug)]
-pub struct StreamScanner<'a> {
-    scanner: &'a ContentScanner,
+pub struct StreamScanner<S: Deref<Target = ContentScanner> = Arc<ContentScanner>> {
+    scanner: S,
     /// The original text from `base` on.
     buf: String,
     /// Absolute offset of `buf[0]`.
@@ -71,8 +74,8 @@ pub struct StreamScanner<'a> {
     finished: bool,
 }
 
-impl<'a> StreamScanner<'a> {
-    pub(crate) fn new(scanner: &'a ContentScanner) -> StreamScanner<'a> {
+impl<S: Deref<Target = ContentScanner>> StreamScanner<S> {
+    pub(crate) fn new(scanner: S) -> StreamScanner<S> {
         StreamScanner {
             scanner,
             buf: String::new(),
